@@ -1,0 +1,40 @@
+# capgap: `make demo` and `make test` work on a fresh machine with Python 3.11.
+# Both create .venv on first use and reuse it afterwards (the stamp file tracks setup.py).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.capgap-installed
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint format bench sdist clean
+
+$(STAMP): setup.py pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/capgap demo --config demo
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP)
+	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+
+sdist: $(STAMP)
+	$(BIN)/python setup.py -q sdist
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,59 @@
+"""The ``capgap`` console command: one subcommand per pipeline stage.
+
+Each subcommand lives in its own module under ``capgap.pipeline`` with a
+``main(argv)`` that owns its flags, so ``capgap train --help`` shows exactly
+what ``train`` takes. Modules are imported only when their command runs, so
+``capgap synth`` does not pay for importing Beam or torch.
+
+    capgap --help
+    capgap synth --out data/synth
+    capgap curate --config configs/demo.yaml --input 'data/synth/web/*.parquet'
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# command -> (module under capgap.pipeline, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("synth", "write the synthetic world's seed / web / test splits as Parquet"),
+    "curate": ("curate", "Beam pipeline: score, drop, recaption and write curated shards"),
+    "train": ("train", "train or fine-tune a CLIP model on Parquet shards"),
+    "eval": ("evaluate", "measure gap, retrieval, zero-shot and robustness of a checkpoint"),
+    "report": ("report", "compare runs side by side: Markdown table + PNG plots"),
+    "train-captioner": ("train_captioner", "train the embedded dense captioner on seed"),
+    "check-scores": ("check_scores", "validate certainty / imbalance scores on ground truth"),
+    "demo": ("demo", "the whole loop on the synthetic world, offline, on CPU"),
+    "experiment": ("experiment", "reproduce a paper's claim on the synthetic world"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: capgap COMMAND [--help] [flags]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from capgap import __version__
+
+        print(f"capgap {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"capgap: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"capgap.pipeline.{COMMANDS[name][0]}")
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

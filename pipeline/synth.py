@@ -1,0 +1,187 @@
+"""``capgap synth``: write the synthetic world's splits as sharded Parquet.
+
+Splits (see DESIGN.md): ``seed`` (dense captions, clean), ``web`` (terse
+captions, some mismatched), ``test`` (dense captions + labels). Each row is
+generated from its own random stream keyed by (seed, split, index), so the
+content of a row never depends on the shard count or on the other rows.
+
+    capgap synth --out data/synth                 # all splits from configs/synth.yaml
+    capgap synth --split web --n 10000 --shards 8
+    capgap synth --split web --set splits.web.k=2 # every caption names 2 attributes
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from capgap.pipeline import world
+from capgap.pipeline.config import ConfigError, add_config_args, config_from_args, save_resolved
+
+A = len(world.ATTRIBUTE_NAMES)
+
+
+@dataclass
+class SplitConfig:
+    n: int = 1000
+    # P(k = 0..A): how many attributes a caption names; ignored when ``k`` is set.
+    k_weights: list[float] = field(default_factory=lambda: [0.0] * A + [1.0])
+    k: int | None = None
+    mismatch_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.k_weights) != A + 1:
+            raise ValueError(f"k_weights needs {A + 1} entries (k = 0..{A})")
+        if any(w < 0 for w in self.k_weights) or sum(self.k_weights) <= 0:
+            raise ValueError("k_weights must be non-negative with a positive sum")
+        if self.k is not None and not 0 <= self.k <= A:
+            raise ValueError(f"k must be in 0..{A}")
+        if not 0.0 <= self.mismatch_rate <= 1.0:
+            raise ValueError("mismatch_rate must be in [0, 1]")
+
+
+def _default_splits() -> dict[str, SplitConfig]:
+    return {
+        "seed": SplitConfig(n=4000),
+        "web": SplitConfig(n=6000, k_weights=[0.2, 0.3, 0.25, 0.15, 0.1, 0.0], mismatch_rate=0.1),
+        "test": SplitConfig(n=1000),
+    }
+
+
+@dataclass
+class SynthConfig:
+    out: str = field(default="data/synth", metadata={"help": "output folder"})
+    seed: int = field(default=0, metadata={"help": "world seed"})
+    split: str = field(default="all", metadata={"help": "split to write, or 'all'"})
+    n: int | None = field(default=None, metadata={"help": "rows per written split"})
+    shards: int = field(default=4, metadata={"help": "Parquet shards per split"})
+    image_size: int = field(default=32, metadata={"help": "image side in pixels (>= 32)"})
+    noise_std: float = field(default=0.05, metadata={"help": "Gaussian pixel noise"})
+    splits: dict[str, SplitConfig] = field(default_factory=_default_splits)
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32:
+            raise ValueError("image_size must be at least 32")
+        if self.shards < 1:
+            raise ValueError("shards must be >= 1")
+        if self.split != "all" and self.split not in self.splits:
+            raise ValueError(f"split {self.split!r} is not one of {sorted(self.splits)}")
+
+
+SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        *[pa.field(name, pa.string(), nullable=False) for name in world.LABEL_COLUMNS],
+        pa.field("k", pa.int8(), nullable=False),
+        pa.field("named_attributes", pa.list_(pa.string()), nullable=False),
+        pa.field("mismatched", pa.bool_(), nullable=False),
+    ]
+)
+
+
+def _split_id(name: str) -> int:
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def make_row(
+    index: int, split_name: str, split: SplitConfig, seed: int, image_size: int, noise_std: float
+) -> dict:
+    """Generate row ``index`` of a split; depends only on its arguments."""
+    rng = np.random.default_rng([seed, _split_id(split_name), index])
+    item = world.sample_item(rng)
+    k = split.k if split.k is not None else int(rng.choice(A + 1, p=_normalised(split.k_weights)))
+    named = sorted(rng.choice(A, size=k, replace=False).tolist())
+    named_attributes = [world.ATTRIBUTE_NAMES[i] for i in named]
+    mismatched = bool(rng.random() < split.mismatch_rate)
+    described = item
+    if mismatched:
+        # The caption is another item's: a different object, so it never describes this image.
+        described = world.sample_item(rng)
+        while described.object == item.object:
+            described = world.sample_item(rng)
+    pixels = world.render(item, rng, image_size=image_size, noise_std=noise_std)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG", compress_level=1)
+    return {
+        "uid": f"{split_name}-{index:08d}",
+        "image": buffer.getvalue(),
+        "caption": world.caption(described, named_attributes),
+        **{name: item.label(name) for name in world.LABEL_COLUMNS},
+        "k": k,
+        "named_attributes": named_attributes,
+        "mismatched": mismatched,
+    }
+
+
+def _normalised(weights: Sequence[float]) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    return w / w.sum()
+
+
+def shard_ranges(n: int, shards: int) -> Iterator[tuple[int, int]]:
+    """Contiguous [start, stop) index ranges, as even as possible."""
+    bounds = np.linspace(0, n, shards + 1).round().astype(int)
+    yield from zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+
+
+def write_split(cfg: SynthConfig, split_name: str, show_progress: bool = True) -> list[Path]:
+    split = cfg.splits[split_name]
+    n = cfg.n if cfg.n is not None else split.n
+    out_dir = Path(cfg.out) / split_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{split_name}-*.parquet"):
+        stale.unlink()
+    paths = []
+    bar = tqdm(total=n, desc=f"synth {split_name}", unit="pair", disable=not show_progress)
+    for shard, (start, stop) in enumerate(shard_ranges(n, cfg.shards)):
+        rows = []
+        for index in range(start, stop):
+            rows.append(make_row(index, split_name, split, cfg.seed, cfg.image_size, cfg.noise_std))
+            bar.update(1)
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        path = out_dir / f"{split_name}-{shard:05d}-of-{cfg.shards:05d}.parquet"
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)  # a shard is visible only once complete
+        paths.append(path)
+    bar.close()
+    return paths
+
+
+def run(cfg: SynthConfig, show_progress: bool = True) -> dict[str, list[Path]]:
+    """Write the configured split(s); returns the shard paths per split."""
+    names = list(cfg.splits) if cfg.split == "all" else [cfg.split]
+    written = {name: write_split(cfg, name, show_progress) for name in names}
+    save_resolved(cfg, cfg.out, "synth_config.yaml")
+    return written
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="capgap synth", description=__doc__)
+    add_config_args(parser, SynthConfig, default_config=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(SynthConfig, args)
+    except ConfigError as err:
+        raise SystemExit(f"capgap synth: {err}") from err
+    written = run(cfg)
+    for name, paths in written.items():
+        rows = sum(pq.read_metadata(p).num_rows for p in paths)
+        print(f"{name}: {rows} rows in {len(paths)} shards under {Path(cfg.out) / name}")
+    return 0
