@@ -7,6 +7,8 @@ ever lands top-level in site-packages. Beam ships this file to workers with
 ``--setup_file ./setup.py``: the sdist it builds carries every module and config.
 """
 
+from pathlib import Path
+
 from setuptools import setup
 
 PACKAGE_DIRS = {
@@ -39,7 +41,7 @@ setup(
     name="capgap",
     version="0.1.0",
     description="Curate image-text pairs to close the modality gap of CLIP-style models.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),

@@ -294,9 +294,7 @@ def _from_cli_text(value: Any, tp: Any, name: str) -> Any:
     """A flag's text as the field's type: strings stay verbatim, the rest parse as YAML."""
     if not isinstance(value, str):
         return value
-    accepts_str = tp is str or (
-        get_origin(tp) in (Union, types.UnionType) and str in get_args(tp)
-    )
+    accepts_str = tp is str or (get_origin(tp) in (Union, types.UnionType) and str in get_args(tp))
     if accepts_str:
         return value
     try:

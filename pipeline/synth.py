@@ -113,7 +113,8 @@ def make_row(
             described = world.sample_item(rng)
     pixels = world.render(item, rng, image_size=image_size, noise_std=noise_std)
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG", compress_level=1)
+    # Pixel noise does not compress, so zlib level 0 gives the same size in half the time.
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=0)
     return {
         "uid": f"{split_name}-{index:08d}",
         "image": buffer.getvalue(),

@@ -96,7 +96,12 @@ def sample_item(rng: np.random.Generator) -> Item:
 
 # --- captions -----------------------------------------------------------------------------------
 
-_TEXTURE_WORDS = {"solid": "solid", "striped": "striped", "dotted": "dotted", "outlined": "outlined"}
+_TEXTURE_WORDS = {
+    "solid": "solid",
+    "striped": "striped",
+    "dotted": "dotted",
+    "outlined": "outlined",
+}
 
 
 def caption(item: Item, named: list[str] | tuple[str, ...]) -> str:
@@ -227,7 +232,7 @@ def render(
     image = np.empty((image_size, image_size, 3), dtype=np.float32)
     image[:] = background
     image[mask] = colour
-    image += rng.normal(0.0, noise_std, size=image.shape).astype(np.float32)
+    image += noise_std * rng.standard_normal(size=image.shape, dtype=np.float32)
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
