@@ -1,0 +1,134 @@
+"""CLIP factory: our configs and open_clip names build offline; checkpoints round-trip safely."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from capgap.models import clip_factory
+from capgap.models.clip_factory import create_clip, load_run, load_state_dict, save_checkpoint
+
+
+@pytest.mark.parametrize(
+    ("name", "image_size", "context", "embed"),
+    [("capgap-micro-vit", 32, 20, 64), ("capgap-small-vit", 64, 32, 128)],
+)
+def test_our_configs_build_and_encode(name, image_size, context, embed):
+    model, preprocess, tokenizer = create_clip(name)
+    image = preprocess(Image.new("RGB", (image_size, image_size), (200, 10, 10)))
+    assert image.shape == (3, image_size, image_size)
+    tokens = tokenizer(["a red circle", "a large blue square on a grey background"])
+    assert tokens.shape == (2, context)  # tokenizer context follows the config
+    with torch.no_grad():
+        img, txt, scale = model(image[None], tokens[:1])
+    assert img.shape == txt.shape == (1, embed)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(1), atol=1e-5)
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-4)
+
+
+def test_open_clip_architecture_by_name_without_download(monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr("open_clip.factory.download_pretrained", no_download)
+    model, preprocess, tokenizer = create_clip("ViT-B-32")
+    assert model.visual.image_size == (224, 224)
+    assert tokenizer(["x"]).shape == (1, 77)
+
+
+def test_capgap_configs_are_listed():
+    names = clip_factory.list_architectures()
+    assert {"capgap-micro-vit", "capgap-small-vit", "ViT-B-32"} <= set(names)
+
+
+def test_unknown_architecture_and_unknown_tag_fail():
+    with pytest.raises(ValueError, match="unknown CLIP architecture"):
+        create_clip("no-such-model")
+    with pytest.raises(ValueError, match="neither a local file nor an open_clip tag"):
+        create_clip("capgap-micro-vit", pretrained="not_a_tag")
+    with pytest.raises(FileNotFoundError):
+        create_clip("capgap-micro-vit", pretrained="/nonexistent/model.safetensors")
+
+
+def test_cuda_requested_without_cuda_fails_loudly():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        create_clip("capgap-micro-vit", device="cuda")
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_safetensors_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model, _, _ = create_clip("capgap-micro-vit")
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    torch.manual_seed(1)
+    again, _, _ = create_clip("capgap-micro-vit", pretrained=str(path))
+    fresh, _, _ = create_clip("capgap-micro-vit")
+    assert _same_weights(model, again)
+    assert not _same_weights(model, fresh)
+
+
+def test_torch_checkpoint_round_trip_with_wrapping(tmp_path):
+    model, _, _ = create_clip("capgap-micro-vit")
+    path = tmp_path / "epoch_1.pt"
+    torch.save(
+        {"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path
+    )
+    again, _, _ = create_clip("capgap-micro-vit", pretrained=str(path))
+    assert _same_weights(model, again)
+
+
+def test_mismatched_checkpoint_fails(tmp_path):
+    small, _, _ = create_clip("capgap-small-vit")
+    path = save_checkpoint(small, tmp_path / "small.safetensors")
+    with pytest.raises(RuntimeError):
+        create_clip("capgap-micro-vit", pretrained=str(path))
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_torch_load_refuses_pickled_code(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2), "evil": _Payload(marker)}, path)
+    with pytest.raises(Exception, match="(?i)weights.only|unpickl|unsupported"):
+        load_state_dict(path)
+    with pytest.raises(Exception, match="(?i)weights.only|unpickl|unsupported"):
+        create_clip("capgap-micro-vit", pretrained=str(path))
+    assert not marker.exists()
+
+
+def test_load_run_rebuilds_model(tmp_path):
+    model, _, _ = create_clip("capgap-micro-vit", init_logit_bias=-10.0)
+    save_checkpoint(model, tmp_path / "model.safetensors")
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump({"model": "capgap-micro-vit", "pretrained": None, "loss": "siglip"})
+    )
+    again, preprocess, tokenizer = load_run(tmp_path)
+    assert _same_weights(model, again)
+    assert not again.training
+    assert again.logit_bias.item() == pytest.approx(-10.0)
+    assert tokenizer(["x"]).shape == (1, 20)
+
+
+def test_load_run_needs_finished_run(tmp_path):
+    (tmp_path / "config.yaml").write_text("model: capgap-micro-vit\n")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_run(tmp_path)
