@@ -21,12 +21,13 @@ prediction differs from the clean one. Perturbations:
 The mean shift (:class:`MeanShift`), with Delta = mean image - mean caption of a
 fit set and g = Delta / ||Delta||:
   1. ``project`` mode: remove the gap component from both modalities,
-     e <- e - (e . g) g (this is Chowers et al.'s step of taking the gap vector
-     out of the embeddings' span; for an orthogonal gap it keeps every cosine
-     ranking exactly);
-  2. move the chosen modality to the other's mean (the translation by the
-     fit-set mean difference left after step 1; the full Delta in ``translate``
-     mode, which skips step 1);
+     e <- (e - (e . g) g), L2-renormalised (Chowers et al.'s step of taking the
+     gap vector out of the embeddings' span; for a gap orthogonal to the
+     embeddings it keeps every cosine ranking exactly, and the renormalisation
+     is what enlarges the margins relative to a fixed perturbation);
+  2. move the chosen modality to the other's mean: add the fit-set mean
+     difference left after step 1 (the full -Delta in ``translate`` mode, which
+     skips step 1);
   3. L2-renormalise.
 
     from capgap.models import robustness
@@ -131,7 +132,7 @@ class MeanShift:
         direction = delta / norm if norm > 0 else np.zeros_like(delta)
         project = mode == "project"
         if project:
-            x, y = _remove(x, direction), _remove(y, direction)
+            x, y = l2_normalize(_remove(x, direction)), l2_normalize(_remove(y, direction))
         mu_x, mu_y = x.mean(axis=0), y.mean(axis=0)
         offset = (mu_y - mu_x) if moved == "image" else (mu_x - mu_y)
         return cls(direction=direction, offset=offset, moved=moved, project=project)
@@ -140,7 +141,7 @@ class MeanShift:
         """Shifted, renormalised embeddings of ``modality`` ("image" or "text")."""
         e = l2_normalize(emb)
         if self.project:
-            e = _remove(e, self.direction)
+            e = l2_normalize(_remove(e, self.direction))
         if modality == self.moved:
             e = e + self.offset
         return l2_normalize(e)

@@ -1,0 +1,150 @@
+"""`capgap eval` end to end: a tiny random CLIP on a tiny synthetic split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from capgap.models import metrics
+from capgap.models.clip_factory import create_clip, save_checkpoint
+from capgap.pipeline import evaluate as ev
+from capgap.pipeline.config import ConfigError, load_config
+from capgap.pipeline.synth import SynthConfig
+from capgap.pipeline.synth import run as synth_run
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    cfg = SynthConfig(out=str(out), split="test", n=40, shards=2)
+    synth_run(cfg, show_progress=False)
+    return out / "test"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    model, _, _ = create_clip("capgap-micro-vit")
+    save_checkpoint(model, run / "model.safetensors")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "capgap-micro-vit"}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 4.0}) + "\n")
+    return run
+
+
+def _cfg(data, **overrides):
+    cfg = load_config(ev.EvalConfig, "eval", values={"data": str(data), "progress": False})
+    cfg.robustness.sigmas = [0.1, 0.5]
+    cfg.robustness.n_trials = 1
+    cfg.ablate_ks = [1, 4]
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_eval_end_to_end(run_dir, split_dir, tmp_path):
+    out_json = tmp_path / "res" / "eval.json"
+    cfg = _cfg(split_dir / "*.parquet", out=str(out_json))
+    result = ev.evaluate(run_dir, cfg)
+    written = json.loads(out_json.read_text())
+    assert written == result
+    assert written["n_pairs"] == 40 and written["model"] == "capgap-micro-vit"
+    assert written["skipped"] == []
+    for key in (
+        "l2m",
+        "l2i",
+        "rmg",
+        "linear_separability",
+        "uniformity_img",
+        "cone_txt",
+        "alignment",
+        "i2t_r@1",
+        "t2i_r@10",
+        "ablate4_l2m",
+        "moad_img",
+        "moad_txt",
+        "zs_acc_object",
+        "zs_acc_colour",
+        "zs_acc_texture",
+        "zs_acc_attr_mean",
+        "zs_object_clean_acc",
+        "shift_zs_object_clean_acc",
+        "zs_mean_flip_noise0.5",
+        "shift_zs_mean_flip_noise0.5",
+        "i2t_flip_int8",
+        "shift_t2i_flip_int4",
+        "shift_l2m",
+    ):
+        assert isinstance(written[key], float), key
+    # every value is JSON-plain and flat
+    assert all(not isinstance(v, dict) for v in written.values())
+    assert 0.0 <= written["zs_acc_object"] <= 1.0
+    assert written["zs_acc_object"] == written["zs_object_clean_acc"]
+    assert written["robustness_sigmas"] == [0.1, 0.5]
+    # saved embeddings reproduce the metrics
+    npz = np.load(out_json.parent / "embeddings.npz")
+    assert npz["img"].shape == (40, 64) and list(npz["label_object"][:1])
+    assert metrics.l2m(npz["img"], npz["txt"]) == pytest.approx(written["l2m"], rel=1e-5)
+    resolved = yaml.safe_load((out_json.parent / "eval_config.yaml").read_text())
+    assert resolved["robustness"]["sigmas"] == [0.1, 0.5]
+    # the run's own config is untouched
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == {"model": "capgap-micro-vit"}
+
+
+def test_eval_without_labels_skips_zero_shot_and_moad(run_dir, split_dir, tmp_path):
+    table = pq.read_table(
+        sorted(split_dir.glob("*.parquet"))[0], columns=["uid", "image", "caption"]
+    )
+    pq.write_table(table, tmp_path / "nolabels.parquet")
+    cfg = _cfg(
+        tmp_path / "nolabels.parquet", out=str(tmp_path / "eval.json"), save_embeddings=False
+    )
+    result = ev.evaluate(run_dir, cfg)
+    assert any("zero_shot" in s for s in result["skipped"])
+    assert any("moad" in s for s in result["skipped"])
+    assert not any(k.startswith(("zs_", "moad")) for k in result)
+    assert isinstance(result["i2t_flip_noise0.1"], float)
+    assert not (tmp_path / "embeddings.npz").exists()
+
+
+def test_cli_writes_next_to_run(run_dir, split_dir, capsys):
+    code = ev.main(
+        [
+            str(run_dir),
+            "--data",
+            str(split_dir / "*.parquet"),
+            "--no_progress",
+            "--max_samples",
+            "12",
+            "--set",
+            "robustness.sigmas=[0.2]",
+            "--set",
+            "robustness.bits=[4]",
+        ]
+    )
+    assert code == 0
+    written = json.loads((run_dir / "eval.json").read_text())
+    assert written["n_pairs"] == 12
+    assert "shift_i2t_flip_noise0.2" in written and "i2t_flip_int4" in written
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(ev.EvalConfig, "eval", ["robustness.sigma=[0.1]"])
+    with pytest.raises(ConfigError, match="sigmas"):
+        load_config(ev.EvalConfig, "eval", ["robustness.sigmas=[-1]"])
+    with pytest.raises(ConfigError, match="mode"):
+        load_config(ev.EvalConfig, "eval", ["robustness.mode=rotate"])
+
+
+def test_missing_caption_column_fails(split_dir, tmp_path):
+    table = pq.read_table(sorted(split_dir.glob("*.parquet"))[0], columns=["uid", "image"])
+    pq.write_table(table, tmp_path / "nocap.parquet")
+    with pytest.raises(ValueError, match="caption"):
+        ev.read_pairs(str(tmp_path / "nocap.parquet"), ev.EvalConfig())
