@@ -1,0 +1,190 @@
+"""Streaming image-caption pairs from Parquet shards, for training.
+
+``ParquetPairs`` is a torch ``IterableDataset``: the shards' row groups (large ones
+cut into slices) are the units of work; each epoch shuffles the unit order with a
+seed, deals the units round-robin to DataLoader workers (every row read exactly
+once per epoch, no duplicates), and each worker shuffles rows through a seeded
+buffer. Images are PNG/JPEG bytes; column names are configurable. When a second
+caption column exists (``original_caption`` after recaptioning), each row uses the
+dense caption with probability ``dense_prob`` (0.8, as Recap-DataComp-1B) and the
+original otherwise. A row that fails to decode raises with its uid: training data
+is already curated, so a bad row is a bug upstream, not something to skip.
+
+    ds = ParquetPairs(expand_globs("data/synth/seed/*.parquet"), preprocess, tokenizer, seed=0)
+    ds.set_epoch(epoch)
+    loader = DataLoader(ds, batch_size=256, num_workers=2, drop_last=True)
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import IterableDataset, get_worker_info
+
+
+def expand_globs(patterns: str | Sequence[str]) -> list[Path]:
+    """Sorted, de-duplicated files matching comma-separated glob(s); fails if none match."""
+    if isinstance(patterns, str):
+        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
+    files: set[str] = set()
+    for pattern in patterns:
+        matched = glob.glob(os.path.expanduser(pattern), recursive=True)
+        if not matched:
+            raise FileNotFoundError(f"no Parquet files match {pattern!r}")
+        files.update(matched)
+    return [Path(f) for f in sorted(files)]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A slice [start, stop) of one row group of one shard."""
+
+    path: str
+    row_group: int
+    start: int
+    stop: int
+
+
+def plan_units(files: Sequence[str | os.PathLike], rows_per_unit: int = 2048) -> list[Unit]:
+    """Cut every row group into slices of at most ``rows_per_unit`` rows."""
+    units = []
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        for rg in range(meta.num_row_groups):
+            n = meta.row_group(rg).num_rows
+            for start in range(0, n, rows_per_unit):
+                units.append(Unit(str(path), rg, start, min(start + rows_per_unit, n)))
+    return units
+
+
+class ParquetPairs(IterableDataset):
+    """(image tensor, token ids) pairs streamed from Parquet; see the module docstring."""
+
+    def __init__(
+        self,
+        files: Sequence[str | os.PathLike],
+        transform: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        image_column: str = "image",
+        caption_column: str = "caption",
+        original_caption_column: str | None = "original_caption",
+        dense_prob: float = 0.8,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1024,
+        seed: int = 0,
+        rows_per_unit: int = 2048,
+        uid_column: str = "uid",
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= dense_prob <= 1.0:
+            raise ValueError("dense_prob must be in [0, 1]")
+        if not files:
+            raise ValueError("no Parquet files given")
+        self.files = [str(f) for f in files]
+        self.transform, self.tokenizer = transform, tokenizer
+        self.image_column, self.caption_column = image_column, caption_column
+        self.original_caption_column = original_caption_column
+        self.dense_prob = dense_prob
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, max(1, shuffle_buffer), seed
+        self.uid_column = uid_column
+        self.units = plan_units(self.files, rows_per_unit)
+        self.num_rows = sum(u.stop - u.start for u in self.units)
+        self.epoch = 0
+        self._check_columns()
+
+    def _check_columns(self) -> None:
+        for path in self.files:
+            names = set(pq.ParquetFile(path).schema_arrow.names)
+            missing = {self.image_column, self.caption_column, self.uid_column} - names
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (call before iterating; workers copy the dataset per epoch)."""
+        self.epoch = epoch
+
+    def units_for_worker(self, worker_id: int, num_workers: int) -> list[Unit]:
+        """This epoch's units for one worker: a seeded shuffle, dealt round-robin."""
+        order = list(self.units)
+        if self.shuffle:
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        return order[worker_id::num_workers]
+
+    def rows_per_worker(self, num_workers: int) -> list[int]:
+        """Rows each of ``num_workers`` workers yields this epoch (for exact step counts)."""
+        workers = max(1, num_workers)
+        return [
+            sum(u.stop - u.start for u in self.units_for_worker(w, workers)) for w in range(workers)
+        ]
+
+    def batches_per_epoch(self, batch_size: int, num_workers: int, drop_last: bool = True) -> int:
+        """Batches a DataLoader yields per epoch: every worker batches its own rows."""
+        rows = self.rows_per_worker(num_workers)
+        if drop_last:
+            return sum(r // batch_size for r in rows)
+        return sum(-(-r // batch_size) for r in rows)
+
+    def _rows(self, units: list[Unit], rng: random.Random) -> Iterator[tuple[str, bytes, str]]:
+        """(uid, image bytes, chosen caption) for every row of ``units``, in order."""
+        cached_key, table, mix = None, None, False
+        for unit in units:
+            if cached_key != (unit.path, unit.row_group):
+                pf = pq.ParquetFile(unit.path)
+                columns = [self.uid_column, self.image_column, self.caption_column]
+                mix = self.original_caption_column in pf.schema_arrow.names
+                if mix:
+                    columns.append(self.original_caption_column)
+                table = pf.read_row_group(unit.row_group, columns=columns)
+                cached_key = (unit.path, unit.row_group)
+            part = table.slice(unit.start, unit.stop - unit.start).to_pydict()
+            originals = part.get(self.original_caption_column) if mix else None
+            for i, uid in enumerate(part[self.uid_column]):
+                caption = part[self.caption_column][i]
+                if originals is not None and originals[i] and rng.random() >= self.dense_prob:
+                    caption = originals[i]
+                yield uid, part[self.image_column][i], caption
+
+    def decode(
+        self, uid: str, image_bytes: bytes | None, caption: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded, preprocessed image and token ids; raises ValueError naming the uid."""
+        if image_bytes is None or caption is None:
+            raise ValueError(f"row {uid}: image or caption is null")
+        try:
+            with Image.open(io.BytesIO(image_bytes)) as img:
+                image = self.transform(img.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise ValueError(f"row {uid}: cannot decode image: {err}") from err
+        tokens = self.tokenizer([caption])[0]
+        return image, tokens
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(f"{self.seed}-{self.epoch}-{worker_id}")
+        rows = self._rows(self.units_for_worker(worker_id, num_workers), rng)
+        if not self.shuffle:
+            for row in rows:
+                yield self.decode(*row)
+            return
+        # Shuffle buffer: fill, then emit a random slot and refill it with the next row.
+        buffer: list[tuple[str, bytes, str]] = []
+        for row in rows:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(row)
+                continue
+            slot = rng.randrange(len(buffer))
+            out, buffer[slot] = buffer[slot], row
+            yield self.decode(*out)
+        rng.shuffle(buffer)
+        for row in buffer:
+            yield self.decode(*row)
