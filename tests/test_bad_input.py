@@ -12,6 +12,7 @@ first GIF frame, 16-bit scaling, caption clean-up).
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import bad_inputs  # noqa: E402
 from bad_inputs import CURATED, ERRORS, KINDS, READERS  # noqa: E402
 
 from capgap.transforms.decode import DecodeConfig, decode_image  # noqa: E402
-from capgap.transforms.reasons import Reason, Stage  # noqa: E402
+from capgap.transforms.reasons import Reason, Stage, outcome_of  # noqa: E402
 from capgap.transforms.write import ERRORS_SCHEMA  # noqa: E402
 
 _TAR_BUG = (
@@ -248,3 +249,17 @@ def test_dark_16bit_png_stays_dark():
     data = bad_inputs._save(bad_inputs.Image.fromarray(np.full((32, 32), 200, np.uint16)), "PNG")
     image = decode_image(data, DecodeConfig())
     assert int(image.pixels.max()) <= 1, image.pixels.max()
+
+
+def test_bad_data_doc_lists_every_reason():
+    """docs/bad_data.md has one table row per Reason, with the outcome the code implies."""
+    doc = Path(__file__).resolve().parents[1] / "docs" / "bad_data.md"
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \| (\w+) \| ([^|]+) \| (.+) \|$", doc.read_text(), re.M)
+    documented = [code for code, *_ in rows]
+    assert sorted(documented) == sorted(r.value for r in Reason), (
+        f"missing: {sorted({r.value for r in Reason} - set(documented))}, "
+        f"unknown or repeated: {[c for c in documented if documented.count(c) > 1 or c not in {r.value for r in Reason}]}"
+    )
+    for code, outcome, _stage, trigger in rows:
+        assert outcome == outcome_of(code).value, (code, outcome)
+        assert len(trigger.strip()) > 20, f"{code}: say what triggers it"
