@@ -1,0 +1,211 @@
+"""A Beam RunInference ``ModelHandler`` that embeds (image, caption) pairs with CLIP.
+
+The handler is built from a :class:`ClipModelConfig` (no model is loaded at
+construction); ``load_model`` builds the model through
+:mod:`capgap.models.clip_factory` on the worker: a ``capgap train`` run folder, an
+open_clip architecture with a pretrained tag or checkpoint, or a seeded random
+init (so every worker process builds the same weights). Each example is a decoded
+pair (``pixels``: (H, W, 3) uint8, ``caption``: str, see
+:mod:`capgap.transforms.decode`); each prediction holds the L2-normalised image and
+text embeddings and the model's temperature. Wrap it in ``KeyedModelHandler`` to
+keep the uid attached:
+
+    handler = KeyedModelHandler(ClipModelHandler(ClipModelConfig(device="cuda")))
+    embedded = pairs | RunInference(handler)   # (uid, PredictionResult)
+
+``device: cuda`` without CUDA fails loudly in ``load_model`` (no CPU fallback). AMP
+(autocast) is used on CUDA when ``amp`` is on. ``share_model_across_processes`` and
+``model_copies`` are passed to Beam (one model per machine, shared by the SDK
+worker processes, through ``multi_process_shared``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+
+@dataclass
+class ClipModelConfig:
+    """Which CLIP to score with and how RunInference batches and places it."""
+
+    name: str = "capgap-micro-vit"  # open_clip or capgap architecture
+    pretrained: str | None = None  # open_clip tag or checkpoint file; None: seeded random init
+    run_dir: str | None = None  # a `capgap train` run (config.yaml + model.safetensors); wins
+    seed: int = 0  # random-init seed, so all workers build identical weights
+    device: str = "cpu"  # cpu | cuda | cuda:N; cuda without CUDA is an error
+    amp: bool = True  # autocast on CUDA
+    amp_dtype: Literal["bf16", "fp16"] = "bf16"
+    min_batch_size: int = 8
+    max_batch_size: int = 256
+    share_model_across_processes: bool = False
+    model_copies: int | None = None  # models per machine when shared
+    metrics_namespace: str = "capgap_clip"
+    torch_threads: int | None = None  # intra-op threads per worker process (None: torch's)
+
+    def __post_init__(self) -> None:
+        if self.min_batch_size < 1 or self.max_batch_size < self.min_batch_size:
+            raise ValueError("need 1 <= model.min_batch_size <= model.max_batch_size")
+        if self.model_copies is not None and self.model_copies < 1:
+            raise ValueError("model.model_copies must be >= 1")
+
+    def model_id(self) -> str:
+        """A readable identifier of the weights (written into every curated row)."""
+        if self.run_dir:
+            return f"capgap-run:{Path(self.run_dir).resolve().name}"
+        if self.pretrained:
+            label = (
+                Path(self.pretrained).name if os.path.isfile(self.pretrained) else self.pretrained
+            )
+            return f"{self.name}/{label}"
+        return f"{self.name}/random-init-seed{self.seed}"
+
+
+class ClipEmbedder:
+    """The loaded model with its preprocess and tokenizer; ``embed`` is all RunInference calls.
+
+    Keeping the whole call in one method lets Beam share a single instance across
+    processes (its proxy forwards only ``embed``'s picklable arguments and result).
+    """
+
+    def __init__(self, cfg: ClipModelConfig) -> None:
+        import torch
+
+        from capgap.models.clip_factory import check_device, create_clip, load_run
+
+        self.device = check_device(cfg.device)  # raises when CUDA is asked for and absent
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        if cfg.run_dir:
+            model, preprocess, tokenizer = load_run(cfg.run_dir, device=self.device)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                model, preprocess, tokenizer = create_clip(
+                    cfg.name, cfg.pretrained, device=self.device
+                )
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        use_amp = cfg.amp and self.device.type == "cuda"
+        dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+        self._autocast = (
+            (lambda: torch.autocast(device_type="cuda", dtype=dtype)) if use_amp else nullcontext
+        )
+        scale = getattr(self.model, "logit_scale", None)
+        self.logit_scale = float(scale.exp().item()) if scale is not None else 100.0
+
+    def embed(
+        self, pixels: Sequence[np.ndarray], captions: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """L2-normalised (image, text) embeddings as float32 arrays, and exp(logit_scale)."""
+        import torch
+        import torch.nn.functional as F
+        from PIL import Image
+
+        images = torch.stack([self.preprocess(Image.fromarray(p, mode="RGB")) for p in pixels])
+        tokens = self.tokenizer(list(captions))
+        with torch.inference_mode(), self._autocast():
+            img = self.model.encode_image(images.to(self.device, non_blocking=True))
+            txt = self.model.encode_text(tokens.to(self.device, non_blocking=True))
+        img = F.normalize(img.float(), dim=-1).cpu().numpy()
+        txt = F.normalize(txt.float(), dim=-1).cpu().numpy()
+        return img, txt, self.logit_scale
+
+
+class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
+    """RunInference handler: decoded pair dict -> {image_embedding, text_embedding, logit_scale}."""
+
+    def __init__(self, cfg: ClipModelConfig) -> None:
+        super().__init__(
+            min_batch_size=cfg.min_batch_size,
+            max_batch_size=cfg.max_batch_size,
+            model_copies=cfg.model_copies if cfg.share_model_across_processes else None,
+        )
+        self.cfg = cfg
+        self._share_across_processes = cfg.share_model_across_processes
+
+    def load_model(self) -> ClipEmbedder:
+        return ClipEmbedder(self.cfg)
+
+    def run_inference(
+        self,
+        batch: Sequence[dict],
+        model: ClipEmbedder,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        img, txt, scale = model.embed([p["pixels"] for p in batch], [p["caption"] for p in batch])
+        model_id = self.cfg.model_id()
+        for i, pair in enumerate(batch):
+            yield PredictionResult(
+                pair,
+                {"image_embedding": img[i], "text_embedding": txt[i], "logit_scale": scale},
+                model_id,
+            )
+
+    def get_num_bytes(self, batch: Sequence[dict]) -> int:
+        return sum(p["pixels"].nbytes + len(p["caption"]) for p in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return self.cfg.metrics_namespace
+
+    def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
+        if inference_args:
+            raise ValueError(f"ClipModelHandler takes no inference_args, got {inference_args}")
+
+
+def _sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_fingerprint(model: Any) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of a model's tensors, in name order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\n".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(cfg: ClipModelConfig) -> dict[str, Any]:
+    """Identity of the weights: sha256 of the weights file, or of a rebuilt random init."""
+    info: dict[str, Any] = {
+        "id": cfg.model_id(),
+        "architecture": cfg.name,
+        "pretrained": cfg.pretrained,
+        "run_dir": cfg.run_dir,
+    }
+    if cfg.run_dir:
+        weights = Path(cfg.run_dir) / "model.safetensors"
+        info["weights"] = str(weights)
+        info["sha256"] = _sha256_file(weights)
+        import yaml
+
+        with open(Path(cfg.run_dir) / "config.yaml", encoding="utf-8") as fh:
+            info["architecture"] = (yaml.safe_load(fh) or {}).get("model", cfg.name)
+    elif cfg.pretrained and os.path.isfile(cfg.pretrained):
+        info["weights"] = cfg.pretrained
+        info["sha256"] = _sha256_file(cfg.pretrained)
+    elif cfg.pretrained:
+        info["sha256"] = None  # an open_clip tag: its hub files are identified by the tag
+        info["note"] = "open_clip pretrained tag; weights identified by name"
+    else:
+        embedder = ClipEmbedder(ClipModelConfig(name=cfg.name, seed=cfg.seed, device="cpu"))
+        info["sha256"] = state_dict_fingerprint(embedder.model)
+        info["note"] = f"random init, seed {cfg.seed}; sha256 of the state dict"
+    return info

@@ -1,0 +1,410 @@
+"""``capgap curate``: the Beam pipeline that scores, drops, recaptions and writes image-text pairs.
+
+Data flow (see docs in README / DESIGN.md)::
+
+    read (Parquet | WebDataset tar | HF datasets dir | CSV)   -> (uid, record)
+    drop duplicate uids, decode + validate one at a time       -> (uid, pair)  | errors
+    CLIP embed: RunInference(KeyedModelHandler(ClipModelHandler))  | errors
+    reference bank (uid-hash sample, side input), scores       -> clip_score, certainty, imbalance
+    decide: keep | drop (rejected/) | recaption
+    recaption (transforms/recaption.py, if recaption.enabled)  -> dense caption
+    write curated/ rejected/ errors/ Parquet, then manifest.json
+
+Settings: a ``CurateConfig`` (defaults <- ``--config`` YAML, default the packaged
+``curate`` preset <- ``--set key=value`` and the top-level flags below). Beam
+options (``--runner``, ``--direct_num_workers``, ...) pass through; a runner preset
+(``--runner_preset direct|dataflow|spark|flink`` or a YAML path) supplies them from
+``configs/runners/``. Flags given on the command line win over the preset.
+
+    capgap curate --input 'data/synth/web/*.parquet' --output out/web --reference runs/seed
+    capgap curate --input shards/ --set read.format=hf --set decide.drop.mode=top_fraction \\
+        --set decide.drop.value=0.3 --output out/hf
+    capgap curate --runner_preset dataflow --input 'gs://b/shards/*.tar' --output gs://b/out \\
+        --project my-project --temp_location gs://b/tmp
+
+In Python: ``run(argv=None, test_pipeline=None) -> dict`` (the manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import logging
+import posixpath
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from capgap.models.clip_handler import ClipModelConfig, model_fingerprint
+from capgap.pipeline.config import (
+    ConfigError,
+    add_config_args,
+    config_from_args,
+    from_dict,
+    read_yaml,
+    resolve_config_path,
+    to_dict,
+)
+from capgap.transforms.accounting import CountOutcomes, counter_values, format_counters
+from capgap.transforms.decide import RECAPTION, Decide, DecideConfig
+from capgap.transforms.decode import CaptionConfig, DecodeConfig, DecodeRecords, DropDuplicateUids
+from capgap.transforms.read import ReadConfig, ReadRecords, discover
+from capgap.transforms.score import EmbedPairs, SampleBank, ScoreConfig, ScorePairs, bank_summary
+from capgap.transforms.write import (
+    CURATED,
+    ERRORS,
+    ERRORS_SCHEMA,
+    MANIFEST,
+    REJECTED,
+    WriteManifestFn,
+    WriteParquet,
+    clear_outputs,
+    row_schema,
+)
+
+LOG = logging.getLogger("capgap.curate")
+
+#: Columns the recaption stage adds to curated rows (None when it did not run).
+RECAPTION_FIELDS = [
+    pa.field("recaption_status", pa.string(), nullable=True),
+    pa.field("gate_clip_score_new", pa.float32(), nullable=True),
+    pa.field("gate_clip_score_original", pa.float32(), nullable=True),
+]
+DISABLED_STATUS = "disabled"  # marked for recaptioning, recaptioning off or unavailable
+
+
+@dataclass
+class RecaptionSwitch:
+    """``enabled`` turns the recaption stage on; ``stage`` holds its RecaptionConfig fields."""
+
+    enabled: bool = False
+    stage: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CurateConfig:
+    input: str = field(default="", metadata={"help": "input glob / folder (any Beam filesystem)"})
+    output: str = field(default="out/curate", metadata={"help": "output prefix"})
+    reference: str | None = field(
+        default=None, metadata={"help": "a `capgap train` run dir to score with (model.run_dir)"}
+    )
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda (model.device)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a previous build"})
+    num_shards: int = field(default=0, metadata={"help": "shards per output (0: runner decides)"})
+    read: ReadConfig = field(default_factory=ReadConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    decide: DecideConfig = field(default_factory=DecideConfig)
+    recaption: RecaptionSwitch = field(default_factory=RecaptionSwitch)
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 0:
+            raise ValueError("num_shards must be >= 0")
+
+    def model_config(self) -> ClipModelConfig:
+        """``model`` with the top-level ``reference`` / ``device`` shortcuts applied."""
+        changes: dict[str, Any] = {}
+        if self.reference:
+            changes["run_dir"] = self.reference
+        if self.device:
+            changes["device"] = self.device
+        return dataclasses.replace(self.model, **changes)
+
+
+class CurateOptions(PipelineOptions):
+    """``capgap curate`` flags, as a Beam PipelineOptions view."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        add_config_args(parser, CurateConfig, default_config="curate")
+        parser.add_argument(
+            "--runner_preset",
+            default=None,
+            help="Beam options from configs/runners/<name>.yaml (direct, dataflow, spark, flink)",
+        )
+
+
+# --- recaption wiring ------------------------------------------------------------------------
+
+
+def recaption_available() -> bool:
+    try:
+        import capgap.transforms.recaption  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def recaption_stage_config(switch: RecaptionSwitch):
+    """The RecaptionConfig for ``recaption.stage`` (None when the module is absent)."""
+    if not recaption_available():
+        return None
+    from capgap.transforms.recaption import RecaptionConfig
+
+    return from_dict(RecaptionConfig, switch.stage, prefix="recaption.stage.")
+
+
+def _mark_kept(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out.setdefault("recaption_status", None)
+    return out
+
+
+def _mark_not_recaptioned(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out["caption_source"] = "original"
+    out["recaption_status"] = DISABLED_STATUS
+    return out
+
+
+# --- the graph -------------------------------------------------------------------------------
+
+
+def _package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("capgap", "apache-beam", "torch", "open_clip_torch", "pillow", "pyarrow", "numpy"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def _fingerprint_models(cfg: ClipModelConfig, captioner: dict[str, Any] | None):
+    def fingerprint(models: dict[str, Any]) -> dict[str, Any]:
+        out = dict(models)
+        out["clip"] = model_fingerprint(cfg)
+        if captioner is not None:
+            out["captioner"] = captioner
+        return out
+
+    return fingerprint
+
+
+def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> dict[str, Any]:
+    """Add the curate graph to ``p``; returns its main PCollections (for tests)."""
+    started = time.time() if started is None else started
+    plan = discover(cfg.read, cfg.input)
+    model_cfg = cfg.model_config()
+    stage_cfg = recaption_stage_config(cfg.recaption) if cfg.recaption.enabled else None
+    recaption_on = cfg.recaption.enabled and stage_cfg is not None
+    if cfg.recaption.enabled and stage_cfg is None:
+        LOG.warning("recaption.enabled but transforms/recaption.py is absent: rows stay marked")
+
+    records = p | "Read" >> ReadRecords(plan)
+    unique = records | "Dedup" >> DropDuplicateUids()
+    decoded = unique.ok | "Decode" >> DecodeRecords(cfg.decode, cfg.caption)
+    embedded = decoded.ok | "Embed" >> EmbedPairs(model_cfg)
+    bank = embedded["ok"] | "Bank" >> SampleBank(cfg.score)
+    scored = embedded["ok"] | "Score" >> ScorePairs(cfg.score, bank)
+    decided = scored | "Decide" >> Decide(cfg.decide)
+
+    kept = decided["keep"] | "MarkKept" >> beam.Map(_mark_kept)
+    if recaption_on:
+        from capgap.transforms.recaption import Recaption
+
+        recaptioned = decided[RECAPTION] | "Recaption" >> Recaption(stage_cfg)
+    else:
+        recaptioned = decided[RECAPTION] | "MarkRecaption" >> beam.Map(_mark_not_recaptioned)
+    curated = (kept, recaptioned) | "Curated" >> beam.Flatten()
+    rejected = decided["drop"]
+    errors = (
+        unique[ERRORS],
+        decoded[ERRORS],
+        embedded[ERRORS],
+    ) | "Errors" >> beam.Flatten()
+
+    curated_schema = row_schema(plan.passthrough, RECAPTION_FIELDS)
+    rejected_schema = row_schema(plan.passthrough)
+    files = {
+        CURATED: curated
+        | "WriteCurated" >> WriteParquet(cfg.output, CURATED, curated_schema, cfg.num_shards),
+        REJECTED: rejected
+        | "WriteRejected" >> WriteParquet(cfg.output, REJECTED, rejected_schema, cfg.num_shards),
+        ERRORS: errors
+        | "WriteErrors" >> WriteParquet(cfg.output, ERRORS, ERRORS_SCHEMA, cfg.num_shards),
+    }
+    counts = {CURATED: curated, REJECTED: rejected, ERRORS: errors} | "Count" >> CountOutcomes()
+    runtime = decided["thresholds"] | "Runtime" >> beam.Map(
+        lambda thresholds, bank: {"thresholds": thresholds, "bank": bank_summary(bank)},
+        bank=beam.pvalue.AsSingleton(bank),
+    )
+    captioner = None
+    if recaption_on:
+        captioner = {"config": to_dict(stage_cfg.captioner), "gate": to_dict(stage_cfg.gate)}
+    static = {
+        "command": "capgap curate",
+        "input": {
+            "pattern": plan.pattern,
+            "format": plan.format,
+            "files": len(plan.files),
+            "bytes": plan.total_bytes(),
+            "fingerprint": plan.fingerprint(),
+            "fingerprint_method": "sha256 over (relative path, size, mtime) of each shard",
+            "columns": {
+                "image": plan.image_column,
+                "caption": plan.caption_column,
+                "uid": plan.uid_column,
+                "passthrough": plan.passthrough.names,
+            },
+        },
+        "config": to_dict(cfg),
+        "recaption": {
+            "enabled": cfg.recaption.enabled,
+            "ran": recaption_on,
+            "available": recaption_available(),
+        },
+        "packages": _package_versions(),
+        "runner": str(p.options.view_as(StandardOptions).runner or "DirectRunner"),
+        "models": {"clip": {"id": model_cfg.model_id()}},
+    }
+    manifest = (
+        p
+        | "ManifestTrigger" >> beam.Create([None])
+        | "WriteManifest"
+        >> beam.ParDo(
+            WriteManifestFn(cfg.output, static, started, _fingerprint_models(model_cfg, captioner)),
+            counts=beam.pvalue.AsSingleton(counts),
+            curated_files=beam.pvalue.AsList(files[CURATED]),
+            rejected_files=beam.pvalue.AsList(files[REJECTED]),
+            error_files=beam.pvalue.AsList(files[ERRORS]),
+            runtime=beam.pvalue.AsSingleton(runtime),
+        )
+    )
+    return {
+        "records": records,
+        "curated": curated,
+        "rejected": rejected,
+        "errors": errors,
+        "scored": scored,
+        "bank": bank,
+        "counts": counts,
+        "manifest": manifest,
+        "plan": plan,
+    }
+
+
+# --- entry points ----------------------------------------------------------------------------
+
+
+def preset_flags(name_or_path: str) -> tuple[list[str], list[str]]:
+    """(Beam flags, curate overrides) from a runner preset YAML."""
+    path = resolve_config_path(
+        name_or_path if name_or_path.endswith(".yaml") else f"runners/{name_or_path}"
+    )
+    data = read_yaml(path)
+    unknown = set(data) - {"pipeline_options", "set"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (use pipeline_options, set)")
+    flags: list[str] = []
+    for key, value in (data.get("pipeline_options") or {}).items():
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if item is True:
+                flags.append(f"--{key}")
+            elif item is False or item is None:
+                continue
+            else:
+                flags.append(f"--{key}={item}")
+    overrides = [f"{k}={v}" for k, v in (data.get("set") or {}).items()]
+    return flags, overrides
+
+
+def parse(argv: Sequence[str]) -> tuple[CurateConfig, PipelineOptions]:
+    """Resolve argv (with an optional --runner_preset) into (config, pipeline options)."""
+    argv = list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--runner_preset", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.runner_preset:
+        flags, overrides = preset_flags(known.runner_preset)
+        argv = flags + [f"--set={o}" for o in overrides] + argv
+    options = PipelineOptions(argv)
+    values = options.view_as(CurateOptions).get_all_options()
+    namespace = argparse.Namespace(
+        **{k: v for k, v in values.items() if k.startswith("cfg__") or k in ("config", "overrides")}
+    )
+    cfg = config_from_args(CurateConfig, namespace)
+    if not cfg.input:
+        raise ConfigError("no input: pass --input PATTERN (or set input in the config)")
+    if cfg.recaption.enabled:
+        recaption_stage_config(cfg.recaption)  # validate its keys now, not on a worker
+    return cfg, options
+
+
+def prepare_output(cfg: CurateConfig) -> None:
+    existing = [
+        m.path
+        for r in FileSystems.match(
+            [posixpath.join(cfg.output, MANIFEST)]
+            + [posixpath.join(cfg.output, d, "*") for d in (CURATED, REJECTED, ERRORS)]
+        )
+        for m in r.metadata_list
+    ]
+    if existing and not cfg.overwrite:
+        raise FileExistsError(
+            f"{cfg.output} already holds a build ({len(existing)} files); pass --overwrite"
+        )
+    if existing:
+        clear_outputs(cfg.output)
+
+
+def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
+    """Build and run the pipeline; returns the manifest (with the Beam counters under 'metrics')."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, options = parse(argv)
+    prepare_output(cfg)
+    started = time.time()
+    p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
+    build(p, cfg, started)
+    result = p.run()
+    result.wait_until_finish()
+    import json
+
+    with FileSystems.open(posixpath.join(cfg.output, MANIFEST)) as fh:
+        manifest = json.loads(fh.read().decode("utf-8"))
+    manifest["metrics"] = counter_values(result)
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        parser = argparse.ArgumentParser(
+            prog="capgap curate",
+            description=__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        CurateOptions._add_argparse_args(parser)
+        parser.print_help()
+        print("\nAny Beam pipeline option (--runner, --direct_num_workers, ...) is passed on.")
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        manifest = run(argv)
+    except (ConfigError, FileExistsError, ValueError) as err:
+        print(f"capgap curate: {err}", file=sys.stderr)
+        return 2
+    counts = manifest["counts"]
+    print(
+        f"rows_in={counts['rows_in']} curated={counts['curated']} "
+        f"rejected={counts['rejected']} errors={counts['errors']} "
+        f"({manifest['wall_time_s']:.1f} s) -> {manifest['config']['output']}"
+    )
+    print("counters:\n" + format_counters(manifest["metrics"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

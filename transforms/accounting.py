@@ -1,0 +1,93 @@
+"""Counting where every record went: Beam counters and the manifest's exact counts.
+
+:class:`CountOutcomes` takes the three final PCollections (curated, rejected,
+errors rows), bumps ``Metrics.counter("capgap", "<outcome>")`` and
+``"<outcome>.<reason>"`` per row (visible live in the runner's UI and printed at
+the end of ``capgap curate``), and returns a single dict of exact counts for the
+manifest. The readers count ``rows_in``; ``rows_in == curated + rejected +
+errors`` is the invariant of a build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+
+from capgap.transforms.reasons import Outcome
+
+NAMESPACE = "capgap"
+
+
+class _CountFn(beam.DoFn):
+    def __init__(self, outcome: Outcome) -> None:
+        self.outcome = Outcome(outcome).value
+        self._counters: dict[str, Any] = {}
+
+    def _inc(self, name: str) -> None:
+        counter = self._counters.get(name)
+        if counter is None:
+            counter = self._counters[name] = Metrics.counter(NAMESPACE, name)
+        counter.inc()
+
+    def process(self, row: dict[str, Any]) -> Iterator[str]:
+        reason = row["reason"]
+        self._inc(self.outcome)
+        self._inc(f"{self.outcome}.{reason}")
+        key = f"{self.outcome}|reason|{reason}"
+        yield key
+        if self.outcome == Outcome.CURATED.value:
+            yield f"{self.outcome}|decision|{row['decision']}"
+            yield f"{self.outcome}|caption_source|{row['caption_source']}"
+
+
+def counts_from_pairs(pairs: list[tuple[str, int]]) -> dict[str, Any]:
+    """{"rows_in", "curated", "rejected", "errors", "by_reason": {...}, ...} from key counts."""
+    out: dict[str, Any] = {o.value: 0 for o in Outcome}
+    out["by_reason"] = {o.value: {} for o in Outcome}
+    out["curated_by_decision"] = {}
+    out["curated_by_caption_source"] = {}
+    for key, n in sorted(pairs):
+        outcome, kind, value = key.split("|", 2)
+        if kind == "reason":
+            out[outcome] += n
+            out["by_reason"][outcome][value] = n
+        else:
+            out[f"curated_by_{kind}"][value] = n
+    out["rows_in"] = sum(out[o.value] for o in Outcome)
+    return out
+
+
+class CountOutcomes(beam.PTransform):
+    """{outcome: rows} -> a single counts dict (see :func:`counts_from_pairs`)."""
+
+    def expand(self, branches: dict[str, Any]):
+        keyed = [
+            branches[o.value] | f"Count{o.value.title()}" >> beam.ParDo(_CountFn(o))
+            for o in Outcome
+        ]
+        return (
+            keyed
+            | "AllOutcomes" >> beam.Flatten()
+            | "PerKey" >> beam.combiners.Count.PerElement()
+            | "ToList" >> beam.combiners.ToList()
+            | "AsCounts" >> beam.Map(counts_from_pairs)
+        )
+
+
+def counter_values(result: Any) -> dict[str, int]:
+    """The ``capgap`` counters of a finished pipeline result (committed if known)."""
+    values: dict[str, int] = {}
+    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    for counter in query["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        values[counter.key.metric.name] = values.get(counter.key.metric.name, 0) + int(value or 0)
+    return dict(sorted(values.items()))
+
+
+def format_counters(values: dict[str, int]) -> str:
+    width = max((len(k) for k in values), default=0)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in values.items())

@@ -1,0 +1,516 @@
+"""Decode and validate each record on its own, before batching; dead-letter the failures.
+
+:class:`DecodeRecords` takes the readers' ``(uid, record)`` pairs and returns two
+PCollections: ``ok`` with ``(uid, pair)`` ready for the CLIP handler, ``errors`` with
+one ``errors/`` row per failed record (reason codes from
+:mod:`capgap.transforms.reasons`). Decoding happens one record at a time because
+RunInference dead-letters whole batches: a bad image must never reach a batch.
+
+Images: size and pixel bounds (decompression bombs, ``Image.DecompressionBombError``
+and ``...Warning`` included), full decode to catch truncation, first frame of an
+animation (recorded), EXIF orientation applied, every PIL mode mapped to RGB
+(palette and alpha composited over ``decode.alpha_background``, 16-bit and float
+scaled, CMYK, 1-bit, ...). A blank image is never substituted. The image written to
+``curated/`` is the original bytes when nothing changed, else a PNG of the
+normalised RGB image; ``decode_notes`` records what was done.
+
+Captions: bytes must be UTF-8; NFC; control and invisible formatting characters
+removed; whitespace collapsed; length bounded.
+
+:class:`DropDuplicateUids` keeps the first record (by source, row index) of each uid.
+
+    python -m capgap.transforms.decode IMAGE_FILE   # decode one file, print the result
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import sys
+import unicodedata
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from capgap.transforms.reasons import Reason, RecordError, Stage
+from capgap.transforms.write import error_row
+
+ERRORS_TAG = "errors"
+
+
+@dataclass
+class DecodeConfig:
+    """Bounds on images; see the module docstring."""
+
+    max_bytes: int = 50 * 1024 * 1024  # encoded size
+    max_pixels: int = 40_000_000  # width * height; decompression-bomb bound
+    min_side: int = 16  # shorter side, after EXIF rotation
+    max_aspect_ratio: float = 10.0  # longer side / shorter side
+    model_max_side: int = 448  # images handed to the model are downscaled to this shorter side
+    alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    keep_original_bytes: bool = True  # write untouched RGB/L JPEG/PNG/WebP as they came
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1 or self.max_pixels < 1 or self.min_side < 1:
+            raise ValueError("decode.max_bytes, max_pixels, min_side must be >= 1")
+        if self.max_aspect_ratio < 1.0:
+            raise ValueError("decode.max_aspect_ratio must be >= 1")
+        if self.model_max_side < 0:
+            raise ValueError("decode.model_max_side must be >= 0 (0: never downscale)")
+        if len(self.alpha_background) != 3 or not all(0 <= v <= 255 for v in self.alpha_background):
+            raise ValueError("decode.alpha_background must be three values in 0..255")
+
+
+@dataclass
+class CaptionConfig:
+    """Caption normalisation bounds."""
+
+    max_chars: int = 2000  # after normalisation
+    on_too_long: Literal["reject", "truncate"] = "reject"
+
+    def __post_init__(self) -> None:
+        if self.max_chars < 1:
+            raise ValueError("caption.max_chars must be >= 1")
+
+
+# --- captions --------------------------------------------------------------------------------
+
+# Invisible formatting characters that only hide or reorder text (zero-width space, BOM,
+# bidi overrides and isolates, word joiner, soft hyphen). ZWJ / ZWNJ stay: emoji and
+# several scripts need them.
+_INVISIBLE = frozenset(
+    "\u200b\ufeff\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2060\u00ad"
+)
+
+
+def normalise_caption(raw: Any, cfg: CaptionConfig) -> tuple[str, list[str]]:
+    """(normalised caption, notes). Raises :class:`RecordError` with a caption reason."""
+    notes: list[str] = []
+    if raw is None:
+        raise RecordError(Reason.CAPTION_MISSING, "no caption")
+    if isinstance(raw, bytes | bytearray | memoryview):
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RecordError(Reason.CAPTION_NOT_UTF8, str(err), "UnicodeDecodeError") from err
+    elif isinstance(raw, str):
+        text = raw
+        try:
+            text.encode("utf-8")  # lone surrogates (e.g. CSV bytes read with surrogateescape)
+        except UnicodeEncodeError as err:
+            raise RecordError(Reason.CAPTION_NOT_UTF8, str(err), "UnicodeEncodeError") from err
+    else:
+        raise RecordError(
+            Reason.CAPTION_TYPE_INVALID, f"caption is a {type(raw).__name__}, not text"
+        )
+    text = unicodedata.normalize("NFC", text)
+    chars = []
+    for ch in text:
+        if ch in _INVISIBLE:
+            continue
+        category = unicodedata.category(ch)
+        if category == "Cc":
+            chars.append(" " if ch.isspace() else "")
+        else:
+            chars.append(ch)
+    text = " ".join("".join(chars).split())
+    if not text:
+        raise RecordError(Reason.CAPTION_EMPTY, "caption is empty after normalisation")
+    if len(text) > cfg.max_chars:
+        if cfg.on_too_long == "reject":
+            raise RecordError(
+                Reason.CAPTION_TOO_LONG, f"caption has {len(text)} chars > {cfg.max_chars}"
+            )
+        cut = text[: cfg.max_chars]
+        text = cut.rsplit(" ", 1)[0] if " " in cut else cut
+        notes.append("caption_truncated")
+    return text, notes
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # (H, W, 3) uint8, downscaled to model_max_side
+    data: bytes  # what curated/ stores
+    format: str
+    width: int  # after EXIF rotation
+    height: int
+    notes: list[str]
+
+
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+def _high_depth_to_l(im: Image.Image) -> Image.Image:
+    """16-bit / 32-bit / float greyscale -> 8-bit, scaled by the value range it uses."""
+    arr = np.asarray(im)
+    if arr.dtype.kind == "f":
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        hi = float(arr.max()) if arr.size else 0.0
+        lo = float(arr.min()) if arr.size else 0.0
+        if lo >= 0.0 and hi <= 1.0:
+            scaled = arr * 255.0
+        else:
+            scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    else:
+        arr = arr.astype(np.int64)
+        hi = int(arr.max()) if arr.size else 0
+        lo = int(arr.min()) if arr.size else 0
+        if lo >= 0 and hi <= 255:
+            scaled = arr
+        elif lo >= 0 and hi <= 65535:
+            scaled = arr / 257.0
+        else:
+            scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(im: Image.Image, background: tuple[int, int, int]) -> tuple[Image.Image, str | None]:
+    """Any PIL mode -> RGB; returns (image, note or None when it was RGB already)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im, None
+    try:
+        if mode == "P" and "transparency" in im.info or mode == "PA" or mode in _ALPHA_MODES:
+            rgba = im.convert("RGBA")
+        else:
+            rgba = None
+        if rgba is not None:
+            canvas = Image.new("RGB", rgba.size, background)
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            return canvas, f"mode:{mode}->RGB(alpha over {background})"
+        if mode.startswith("I") or mode == "F":
+            return _high_depth_to_l(im).convert("RGB"), f"mode:{mode}->RGB"
+        return im.convert("RGB"), f"mode:{mode}->RGB"
+    except (ValueError, OSError) as err:
+        raise RecordError(
+            Reason.IMAGE_MODE_UNSUPPORTED, f"cannot map mode {mode} to RGB: {err}"
+        ) from err
+
+
+def _classify_load_error(err: BaseException) -> Reason:
+    text = str(err).lower()
+    if isinstance(err, EOFError) or "truncated" in text or "end of file" in text:
+        return Reason.IMAGE_TRUNCATED
+    return Reason.IMAGE_CORRUPT
+
+
+def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
+    """Validate and normalise encoded image bytes. Raises :class:`RecordError`."""
+    if data is None:
+        raise RecordError(Reason.IMAGE_MISSING, "no image bytes")
+    if not isinstance(data, bytes):
+        raise RecordError(Reason.COLUMN_TYPE_INVALID, f"image is a {type(data).__name__}")
+    if len(data) == 0:
+        raise RecordError(Reason.IMAGE_EMPTY, "image has 0 bytes")
+    if len(data) > cfg.max_bytes:
+        raise RecordError(
+            Reason.IMAGE_BYTES_TOO_LARGE, f"image has {len(data)} bytes > {cfg.max_bytes}"
+        )
+    notes: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise RecordError(Reason.IMAGE_TOO_LARGE, str(err), type(err).__name__) from err
+        except UnidentifiedImageError as err:
+            raise RecordError(Reason.IMAGE_UNDECODABLE, str(err), type(err).__name__) from err
+        except Exception as err:  # PIL plugins raise many types on a broken header
+            raise RecordError(Reason.IMAGE_UNDECODABLE, str(err), type(err).__name__) from err
+        fmt = im.format or "unknown"
+        width, height = im.size
+        if width < 1 or height < 1:
+            raise RecordError(Reason.IMAGE_TOO_SMALL, f"image is {width}x{height}")
+        if width * height > cfg.max_pixels:
+            raise RecordError(
+                Reason.IMAGE_TOO_LARGE,
+                f"{width}x{height} = {width * height} pixels > {cfg.max_pixels}",
+            )
+        try:
+            if getattr(im, "is_animated", False):
+                im.seek(0)
+                notes.append(f"first_frame_of:{getattr(im, 'n_frames', '?')}")
+            im.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise RecordError(Reason.IMAGE_TOO_LARGE, str(err), type(err).__name__) from err
+        except Exception as err:  # truncated / corrupt pixel data: many exception types
+            raise RecordError(_classify_load_error(err), str(err), type(err).__name__) from err
+    original_mode = im.mode
+    try:
+        orientation = int(im.getexif().get(0x0112, 1) or 1)
+    except Exception as err:  # a broken EXIF block does not make the pixels wrong
+        orientation = 1
+        notes.append(f"exif_unreadable:{type(err).__name__}")
+    if orientation not in (1, 2, 3, 4, 5, 6, 7, 8):
+        notes.append(f"exif_orientation_invalid:{orientation}")
+        orientation = 1
+    if orientation != 1:
+        try:
+            im = ImageOps.exif_transpose(im)
+            notes.append(f"exif_orientation:{orientation}")
+        except Exception as err:
+            notes.append(f"exif_unreadable:{type(err).__name__}")
+    rgb, mode_note = to_rgb(im, tuple(cfg.alpha_background))
+    if mode_note:
+        notes.append(mode_note)
+    width, height = rgb.size
+    short, long = min(width, height), max(width, height)
+    if short < cfg.min_side:
+        raise RecordError(
+            Reason.IMAGE_TOO_SMALL, f"{width}x{height}: shorter side < {cfg.min_side}"
+        )
+    if long / short > cfg.max_aspect_ratio:
+        raise RecordError(
+            Reason.IMAGE_BAD_ASPECT, f"{width}x{height}: aspect {long / short:.1f} too extreme"
+        )
+    untouched = (
+        cfg.keep_original_bytes
+        and orientation == 1
+        and not any(n.startswith("first_frame") for n in notes)
+        and original_mode in ("RGB", "L")
+        and fmt in ("JPEG", "PNG", "WEBP")
+    )
+    if untouched:
+        out = data
+    else:
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="PNG", compress_level=1)
+        out = buffer.getvalue()
+        notes.append("reencoded_png")
+    model_image = rgb
+    if cfg.model_max_side and short > cfg.model_max_side:
+        scale = cfg.model_max_side / short
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        model_image = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    pixels = np.asarray(model_image, dtype=np.uint8)
+    return DecodedImage(
+        pixels=pixels, data=out, format=fmt, width=width, height=height, notes=notes
+    )
+
+
+# --- image paths -----------------------------------------------------------------------------
+
+
+def _scheme(path: str) -> str:
+    return path.split("://", 1)[0] if "://" in path else ""
+
+
+def resolve_image_path(path: Any, root: str | None) -> str:
+    """The full path of an image named by a record, confined to ``root``."""
+    if not isinstance(path, str) or not path.strip() or "\x00" in path:
+        raise RecordError(Reason.PATH_INVALID, f"invalid image path {path!r}")
+    path = path.strip()
+    root = root or "."
+    if _scheme(path) and _scheme(path) != _scheme(root):
+        raise RecordError(
+            Reason.PATH_OUTSIDE_ROOT, f"{path!r} is not under the image root {root!r}"
+        )
+    if not _scheme(root):
+        real_root = os.path.realpath(root)
+        full = os.path.realpath(os.path.join(real_root, path))
+        if full != real_root and not full.startswith(real_root.rstrip(os.sep) + os.sep):
+            raise RecordError(
+                Reason.PATH_OUTSIDE_ROOT, f"{path!r} resolves outside the image root {root!r}"
+            )
+        return full
+    prefix = root.split("://", 1)[1].rstrip("/")
+    rest = path.split("://", 1)[1] if _scheme(path) else posixpath.join(prefix, path)
+    rest = posixpath.normpath(rest)
+    if not rest.startswith(prefix + "/"):
+        raise RecordError(
+            Reason.PATH_OUTSIDE_ROOT, f"{path!r} resolves outside the image root {root!r}"
+        )
+    return f"{_scheme(root)}://{rest}"
+
+
+def read_image_file(full: str, max_bytes: int) -> bytes:
+    """Bytes of an image file, bounded by ``max_bytes``."""
+    if not _scheme(full):
+        if not os.path.lexists(full):
+            raise RecordError(Reason.PATH_MISSING, f"no file at {full}")
+        if not os.path.isfile(full):
+            raise RecordError(Reason.PATH_UNREADABLE, f"{full} is not a regular file")
+    try:
+        with FileSystems.open(full, compression_type="uncompressed") as fh:
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError as err:
+        raise RecordError(Reason.PATH_MISSING, str(err), type(err).__name__) from err
+    except (OSError, ValueError) as err:
+        reason = Reason.PATH_UNREADABLE
+        if _scheme(full) and not FileSystems.exists(full):
+            reason = Reason.PATH_MISSING
+        raise RecordError(reason, str(err), type(err).__name__) from err
+    if len(data) > max_bytes:
+        raise RecordError(Reason.IMAGE_BYTES_TOO_LARGE, f"{full} has more than {max_bytes} bytes")
+    return data
+
+
+# --- the DoFns -------------------------------------------------------------------------------
+
+
+def decode_record(
+    record: dict[str, Any], dcfg: DecodeConfig, ccfg: CaptionConfig
+) -> dict[str, Any]:
+    """A raw record -> the pair handed to the model. Raises :class:`RecordError`."""
+    if record.get("error"):
+        reason, error_class, message = record["error"]
+        raise RecordError(Reason(reason), message, error_class)
+    data = record.get("image")
+    if data is None and record.get("image_path") is not None:
+        full = resolve_image_path(record["image_path"], record.get("image_root"))
+        data = read_image_file(full, dcfg.max_bytes)
+    caption, caption_notes = normalise_caption(record.get("caption"), ccfg)
+    image = decode_image(data, dcfg)
+    return {
+        "uid": record["uid"],
+        "source": record["source"],
+        "source_index": record["source_index"],
+        "image_path": record.get("image_path"),
+        "image": image.data,
+        "image_format": image.format,
+        "width": image.width,
+        "height": image.height,
+        "decode_notes": ",".join(image.notes + caption_notes),
+        "pixels": image.pixels,
+        "caption": caption,
+        "original_caption": caption,
+        "columns": record.get("columns") or {},
+    }
+
+
+class DecodeFn(beam.DoFn):
+    """(uid, record) -> (uid, pair), or an ``errors/`` row on the ``errors`` tag."""
+
+    def __init__(self, decode: DecodeConfig, caption: CaptionConfig) -> None:
+        self.decode = decode
+        self.caption = caption
+
+    def setup(self) -> None:
+        # PIL refuses images above 2 * MAX_IMAGE_PIXELS before our own bound can answer;
+        # lift its bound in this worker if the configured one is higher.
+        if Image.MAX_IMAGE_PIXELS is not None and self.decode.max_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = self.decode.max_pixels
+        self.ok = Metrics.counter("capgap", "decoded")
+
+    def process(self, element: tuple[str, dict]) -> Iterator[Any]:
+        uid, record = element
+        try:
+            pair = decode_record(record, self.decode, self.caption)
+        except RecordError as err:
+            stage = Stage.READ if record.get("error") else Stage.DECODE
+            yield beam.pvalue.TaggedOutput(
+                ERRORS_TAG, error_row(record, stage, err.reason, err.error_class, err.message)
+            )
+            return
+        except Exception as err:  # dead-letter anything unforeseen, with its class and text
+            yield beam.pvalue.TaggedOutput(
+                ERRORS_TAG,
+                error_row(
+                    record, Stage.DECODE, Reason.INTERNAL_ERROR, type(err).__name__, str(err)
+                ),
+            )
+            return
+        self.ok.inc()
+        yield uid, pair
+
+
+class DecodeRecords(beam.PTransform):
+    """(uid, record) -> tagged ``ok`` (uid, pair) and ``errors`` rows."""
+
+    def __init__(self, decode: DecodeConfig, caption: CaptionConfig) -> None:
+        super().__init__()
+        self.decode = decode
+        self.caption = caption
+
+    def expand(self, records):
+        return records | "Decode" >> beam.ParDo(DecodeFn(self.decode, self.caption)).with_outputs(
+            ERRORS_TAG, main="ok"
+        )
+
+
+# --- duplicate uids --------------------------------------------------------------------------
+
+
+class _FirstRef(beam.CombineFn):
+    """(count, smallest (source, index)) of one uid's records; order-independent."""
+
+    def create_accumulator(self):
+        return 0, None
+
+    def add_input(self, acc, ref):
+        count, best = acc
+        return count + 1, ref if best is None or ref < best else best
+
+    def merge_accumulators(self, accs):
+        count, best = 0, None
+        for c, ref in accs:
+            count += c
+            if ref is not None and (best is None or ref < best):
+                best = ref
+        return count, best
+
+    def extract_output(self, acc):
+        return acc
+
+
+class _DropDuplicatesFn(beam.DoFn):
+    def process(self, element, duplicates):
+        uid, record = element
+        keep = duplicates.get(uid)
+        if keep is not None and keep != (record["source"], record["source_index"]):
+            yield beam.pvalue.TaggedOutput(
+                ERRORS_TAG,
+                error_row(
+                    record,
+                    Stage.DEDUP,
+                    Reason.DUPLICATE_UID,
+                    "DuplicateUid",
+                    f"uid {uid!r} first seen at {keep[0]}#{keep[1]}",
+                ),
+            )
+            return
+        yield element
+
+
+class DropDuplicateUids(beam.PTransform):
+    """Keep the first record of each uid (smallest source, row index); the rest -> errors."""
+
+    def expand(self, records):
+        duplicates = (
+            records
+            | "Refs" >> beam.Map(lambda kv: (kv[0], (kv[1]["source"], kv[1]["source_index"])))
+            | "FirstRef" >> beam.CombinePerKey(_FirstRef())
+            | "OnlyRepeated" >> beam.Filter(lambda kv: kv[1][0] > 1)
+            | "KeepRef" >> beam.Map(lambda kv: (kv[0], kv[1][1]))
+        )
+        return records | "DropDuplicates" >> beam.ParDo(
+            _DropDuplicatesFn(), duplicates=beam.pvalue.AsDict(duplicates)
+        ).with_outputs(ERRORS_TAG, main="ok")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    for path in argv:
+        with open(path, "rb") as fh:
+            try:
+                image = decode_image(fh.read(), DecodeConfig())
+            except RecordError as err:
+                print(f"{path}: {err.reason.value} ({err.error_class}): {err.message}")
+                continue
+        print(f"{path}: {image.format} {image.width}x{image.height} notes={image.notes}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

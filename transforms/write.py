@@ -1,0 +1,201 @@
+"""Parquet sinks and the manifest of ``capgap curate``.
+
+Under one output prefix a build writes::
+
+    curated/part-SSSSS-of-NNNNN.parquet    kept + recaption rows: ROW schema + passthrough
+    rejected/part-SSSSS-of-NNNNN.parquet   policy drops: the same schema, decision "drop"
+    errors/part-SSSSS-of-NNNNN.parquet     failures: ERRORS_SCHEMA (a reference, no image)
+    manifest.json                          written last: counts, config, models, versions
+
+Each sink is ``beam.io.WriteToParquet`` with an explicit pyarrow schema; the
+passthrough columns (the input's other columns, e.g. DataComp metadata or the
+synthetic world's labels) are appended to the row schema, typed as discovered by
+:func:`capgap.transforms.read.discover`.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+
+from capgap.transforms.reasons import Reason, Stage
+
+CURATED, REJECTED, ERRORS = "curated", "rejected", "errors"
+MANIFEST = "manifest.json"
+
+#: Columns every curated / rejected row has, before the passthrough columns.
+ROW_FIELDS: list[pa.Field] = [
+    pa.field("uid", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("caption", pa.string(), nullable=False),
+    pa.field("original_caption", pa.string(), nullable=False),
+    pa.field("caption_source", pa.string(), nullable=False),
+    pa.field("decision", pa.string(), nullable=False),  # keep | recaption | drop
+    pa.field("reason", pa.string(), nullable=False),  # passed | high_imbalance | low_...
+    pa.field("clip_score", pa.float32(), nullable=False),
+    pa.field("certainty", pa.float32(), nullable=False),
+    pa.field("imbalance", pa.float32(), nullable=False),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("image_format", pa.string(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("decode_notes", pa.string(), nullable=False),
+    pa.field("image_path", pa.string(), nullable=True),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("source_index", pa.int64(), nullable=False),
+]
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("source_index", pa.int64(), nullable=False),
+        pa.field("image_path", pa.string(), nullable=True),
+        pa.field("stage", pa.string(), nullable=False),  # read | dedup | decode | embed | score
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("error_class", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("caption_preview", pa.string(), nullable=True),  # first 200 chars, if text
+        pa.field("image_num_bytes", pa.int64(), nullable=True),
+    ]
+)
+
+
+def row_schema(passthrough: pa.Schema, extra: list[pa.Field] | None = None) -> pa.Schema:
+    """The curated / rejected schema: ROW_FIELDS, optional extras, then passthrough columns."""
+    return pa.schema([*ROW_FIELDS, *(extra or []), *passthrough])
+
+
+def _preview(caption: Any) -> str | None:
+    if isinstance(caption, str):
+        text = caption
+    elif isinstance(caption, bytes | bytearray | memoryview):
+        text = bytes(caption[:800]).decode("utf-8", errors="backslashreplace")
+    else:
+        return None
+    return text[:200].encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
+def _safe_text(value: Any) -> str:
+    return str(value).encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
+def error_row(
+    record: dict[str, Any],
+    stage: Stage | str,
+    reason: Reason | str,
+    error_class: str,
+    message: str,
+) -> dict[str, Any]:
+    """An ``errors/`` row: where the record came from and why it failed (no image bytes)."""
+    image = record.get("image")
+    path = record.get("image_path")
+    return {
+        "uid": _safe_text(record.get("uid", "")),
+        "source": _safe_text(record.get("source", "")),
+        "source_index": int(record.get("source_index", -1)),
+        "image_path": _safe_text(path) if path is not None else None,
+        "stage": Stage(stage).value,
+        "reason": Reason(reason).value,
+        "error_class": _safe_text(error_class),
+        "message": _safe_text(message)[:2000],
+        "caption_preview": _preview(record.get("caption")),
+        "image_num_bytes": len(image) if isinstance(image, bytes) else None,
+    }
+
+
+def output_row(row: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
+    """Flatten a scored row (``columns`` = passthrough) onto ``schema``'s column names."""
+    columns = row.get("columns") or {}
+    out = {}
+    for name in schema.names:
+        out[name] = row[name] if name in row else columns.get(name)
+    return out
+
+
+class WriteParquet(beam.PTransform):
+    """Rows -> ``<output>/<name>/part-SSSSS-of-NNNNN.parquet``; returns the final file names."""
+
+    def __init__(self, output: str, name: str, schema: pa.Schema, num_shards: int = 0) -> None:
+        super().__init__()
+        self.output, self.name, self.schema, self.num_shards = output, name, schema, num_shards
+
+    def expand(self, rows):
+        schema = self.schema
+        return (
+            rows
+            | "Project" >> beam.Map(output_row, schema)
+            | "Write"
+            >> beam.io.WriteToParquet(
+                posixpath.join(self.output, self.name, "part"),
+                schema=schema,
+                file_name_suffix=".parquet",
+                num_shards=self.num_shards,
+                codec="snappy",
+                record_batch_size=256,
+            )
+        )
+
+
+def clear_outputs(output: str) -> list[str]:
+    """Delete a previous build's shards and manifest under ``output``; returns what went."""
+    patterns = [posixpath.join(output, name, "*") for name in (CURATED, REJECTED, ERRORS)]
+    patterns.append(posixpath.join(output, MANIFEST))
+    doomed = [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
+    if doomed:
+        FileSystems.delete(doomed)
+    return doomed
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write JSON through FileSystems; visible under its final name only when complete."""
+    tmp = f"{path}.tmp-{int(time.time() * 1e6)}"
+    with FileSystems.create(tmp, mime_type="application/json") as fh:
+        fh.write(json.dumps(payload, indent=2, sort_keys=False, default=str).encode("utf-8"))
+    FileSystems.rename([tmp], [path])
+
+
+class WriteManifestFn(beam.DoFn):
+    """Runs once, after every sink finalised (their file lists are side inputs)."""
+
+    def __init__(self, output: str, static: dict[str, Any], started: float, fingerprint_fn) -> None:
+        self.output = output
+        self.static = static
+        self.started = started
+        self.fingerprint_fn = fingerprint_fn
+
+    def process(
+        self, _unused, counts, curated_files, rejected_files, error_files, runtime
+    ) -> Iterator[str]:
+        finished = time.time()
+        manifest = {
+            "status": "complete",
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
+            "wall_time_s": round(finished - self.started, 3),
+            "counts": counts,
+            "outputs": {
+                CURATED: sorted(relative(f, self.output) for f in curated_files),
+                REJECTED: sorted(relative(f, self.output) for f in rejected_files),
+                ERRORS: sorted(relative(f, self.output) for f in error_files),
+            },
+            **self.static,
+            **runtime,
+        }
+        if self.fingerprint_fn is not None:
+            manifest["models"] = self.fingerprint_fn(manifest.get("models", {}))
+        path = posixpath.join(self.output, MANIFEST)
+        write_json(path, manifest)
+        yield path
+
+
+def relative(path: str, base: str) -> str:
+    base = base.rstrip("/") + "/"
+    return path[len(base) :] if path.startswith(base) else path
