@@ -1026,3 +1026,112 @@ def _run_groups(corpus: Corpus, groups: list[int], out: Path, pipeline) -> Decod
         tag, value = pickle.loads(base64.b64decode(line))
         (ok_rows if tag == "ok" else error_rows).append(value)
     return DecodeRun(ok_rows, error_rows, rows_in, driver_errors)
+
+
+# --- `capgap curate` over a corpus (tiny random-init CLIP, never a download) ---------------------
+
+#: The policy of curate runs over the corpus: a quantile drop rule (so rejected/ is used) and
+#: a quantile recaption rule, both over the run's own score histograms.
+CURATE_OVERRIDES = (
+    'decide.drop.mode="quantile"',
+    "decide.drop.value=0.2",
+    'decide.recaption.mode="quantile"',
+    "decide.recaption.value=0.5",
+    f"decode.max_bytes={DECODE_OVERRIDES['max_bytes']}",
+    "score.bank_size=8",
+    "model.name=capgap-micro-vit",
+    "model.seed=0",
+    "model.min_batch_size=2",
+    "model.max_batch_size=8",
+    "model.torch_threads=1",
+    "num_shards=2",
+)
+
+
+def curate_argv(pattern: str, output: str | os.PathLike, *extra: str) -> list[str]:
+    """``capgap curate`` arguments for one input pattern (Beam options go in ``extra``)."""
+    argv = ["--input", pattern, "--output", str(output)]
+    for override in CURATE_OVERRIDES:
+        argv += ["--set", override]
+    return argv + list(extra)
+
+
+def curated_ok() -> Expected:
+    """A valid row after the policy: curated, or rejected by the (random-model) policy."""
+    return Expected(CURATED, ("passed", "high_imbalance", "low_certainty"))
+
+
+@dataclass
+class BuildOutput:
+    """The files of a finished (or killed) ``capgap curate`` output prefix."""
+
+    root: Path
+    manifest: dict[str, Any] | None
+    files: dict[str, list[str]]  # folder -> sorted part file names
+    rows: dict[str, list[dict[str, Any]]]  # folder -> rows of all its part files
+    stray: list[str]  # anything else under the prefix (temp dirs, partial files)
+    metrics: dict[str, int] = field(default_factory=dict)  # Beam counters, when run in-process
+
+    def landed(self) -> dict[tuple[str, int], list[tuple[str, str, dict[str, Any]]]]:
+        out: dict[tuple[str, int], list] = {}
+        for folder, rows in self.rows.items():
+            for row in rows:
+                out.setdefault((row["source"], row["source_index"]), []).append(
+                    (folder, row["reason"], row)
+                )
+        return out
+
+
+def read_build(output: str | os.PathLike) -> BuildOutput:
+    root = Path(output)
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    files: dict[str, list[str]] = {}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    stray: list[str] = []
+    for entry in sorted(root.rglob("*")):
+        rel = entry.relative_to(root).as_posix()
+        if (
+            rel == "manifest.json"
+            or rel == "config.yaml"
+            or entry.is_dir()
+            and rel
+            in (
+                CURATED,
+                REJECTED,
+                ERRORS,
+            )
+        ):
+            continue
+        folder, _, name = rel.partition("/")
+        is_part = name.startswith("part-") and name.endswith(".parquet") and "/" not in name
+        if folder in (CURATED, REJECTED, ERRORS) and is_part and entry.is_file():
+            files.setdefault(folder, []).append(name)
+            rows.setdefault(folder, []).extend(pq.read_table(entry).to_pylist())
+            continue
+        stray.append(rel)
+    return BuildOutput(root, manifest, files, rows, stray)
+
+
+def reference_build(
+    tmp_root: str | os.PathLike, reader: str = "parquet"
+) -> tuple[Corpus, BuildOutput]:
+    """One in-process ``capgap curate`` run (DirectRunner in_memory) over ``reader``'s corpus,
+    made once per process and per ``tmp_root`` and shared by the test modules."""
+    key = (str(tmp_root), reader)
+    if key not in _REFERENCE_BUILDS:
+        from capgap.pipeline import curate
+
+        root = Path(tmp_root) / f"curate_reference_{reader}"
+        corpus = build(reader, root / "input")
+        output = root / "output"
+        manifest = curate.run(
+            curate_argv(corpus.patterns[0], output, "--direct_running_mode=in_memory")
+        )
+        built = read_build(output)
+        built.metrics = manifest.get("metrics", {})
+        _REFERENCE_BUILDS[key] = (corpus, built)
+    return _REFERENCE_BUILDS[key]
+
+
+_REFERENCE_BUILDS: dict[tuple[str, str], tuple[Corpus, BuildOutput]] = {}

@@ -263,3 +263,61 @@ def test_bad_data_doc_lists_every_reason():
     for code, outcome, _stage, trigger in rows:
         assert outcome == outcome_of(code).value, (code, outcome)
         assert len(trigger.strip()) > 20, f"{code}: say what triggers it"
+
+
+# --- the same corpus through `capgap curate` (read, decode, embed, score, decide, write) --------
+
+CURATE_READER = "parquet"
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    return bad_inputs.reference_build(tmp_path_factory.getbasetemp(), CURATE_READER)
+
+
+@pytest.mark.parametrize("kind", bad_inputs.kinds_for(CURATE_READER))
+def test_curate_lands_bad_input(curated, kind):
+    """End to end: the row is in the right Parquet folder with the reason, images converted."""
+    corpus, built = curated
+    landed = built.landed()
+    check = KINDS[kind].check
+    problems = []
+    for case in corpus.cases_of(kind):
+        where = f"{case.source}#{case.index}"
+        expected = bad_inputs.curated_ok() if case.expected.outcome == CURATED else case.expected
+        got = landed.get((case.source, case.index), [])
+        if len(got) != 1:
+            problems.append(f"{where}: expected one output row, got {[g[:2] for g in got]}")
+            continue
+        folder, reason, row = got[0]
+        if folder == "rejected":
+            folder = CURATED  # a policy drop of a valid row: same row schema, same checks
+        if not expected.matches(folder, reason):
+            problems.append(f"{where}: expected {expected}, got {got[0][:2]}")
+        elif folder == CURATED and check is not None:
+            try:
+                check(row)
+            except AssertionError as error:
+                problems.append(f"{where}: converted wrongly: {error}")
+    assert not problems, "\n".join(problems)
+
+
+def test_curate_accounting_and_manifest(curated):
+    corpus, built = curated
+    counts = built.manifest["counts"]
+    n_rows = {folder: len(rows) for folder, rows in built.rows.items()}
+    total = sum(n_rows.values())
+    assert built.metrics["rows_in"] == len(corpus.cases) == total
+    assert counts["rows_in"] == counts["curated"] + counts["rejected"] + counts["errors"] == total
+    for folder in ("curated", "rejected", "errors"):
+        assert counts[folder] == n_rows.get(folder, 0), folder
+        by_reason: dict[str, int] = {}
+        for row in built.rows.get(folder, []):
+            by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + 1
+        assert counts["by_reason"][folder] == by_reason, folder
+        assert built.manifest["outputs"][folder] == [
+            f"{folder}/{name}" for name in built.files.get(folder, [])
+        ]
+    assert not built.stray, built.stray
+    uids = [row["uid"] for rows in built.rows.values() for row in rows]
+    assert len(uids) == len(set(uids)) + 1  # the duplicate uid appears once kept, once in errors
