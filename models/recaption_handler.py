@@ -1,0 +1,183 @@
+"""Beam ``ModelHandler``s for recaptioning: the captioner, and the CLIP quality gate.
+
+``RecaptionModelHandler`` takes row dicts (``image`` = encoded image bytes,
+``caption`` = the original caption) in batches and returns one
+``PredictionResult(example=row, inference=new_caption, model_id=source)`` per
+row. The captioner (``capgap.models.captioner``) is loaded in ``load_model``,
+never at construction, so the handler pickles cheaply to workers;
+``share_model_across_processes=True`` loads one copy per machine (Beam's
+``large_model``), which is what a multi-GB VLM on one GPU wants.
+
+``CaptionGateModelHandler`` takes ``(row, new_caption)`` pairs and returns the
+reference CLIP's cosine of the image with the new and with the original caption
+(``GateScores``), loading the CLIP run with ``clip_factory.load_run``.
+
+    handler = RecaptionModelHandler(CaptionerConfig(model="runs/captioner"), max_batch_size=32)
+    rows | RunInference(KeyedModelHandler(handler))        # on (uid, row) pairs
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from capgap.models.captioner import Captioner, CaptionerConfig, load_captioner
+
+
+def decode_image(blob: bytes):
+    """Encoded (already validated) image bytes -> RGB PIL image."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(blob)) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def _batching(
+    min_batch_size: int | None, max_batch_size: int | None, max_batch_duration_secs: int | None
+) -> dict[str, Any]:
+    if (
+        min_batch_size is not None
+        and max_batch_size is not None
+        and min_batch_size > max_batch_size
+    ):
+        raise ValueError("min_batch_size must not exceed max_batch_size")
+    return {
+        "min_batch_size": min_batch_size,
+        "max_batch_size": max_batch_size,
+        "max_batch_duration_secs": max_batch_duration_secs,
+    }
+
+
+class RecaptionModelHandler(ModelHandler[dict, PredictionResult, Captioner]):
+    """Batched captioning of row dicts with any ``Captioner``."""
+
+    def __init__(
+        self,
+        captioner: CaptionerConfig,
+        *,
+        min_batch_size: int | None = 1,
+        max_batch_size: int | None = None,
+        max_batch_duration_secs: int | None = None,
+        share_model_across_processes: bool = False,
+        image_key: str = "image",
+        caption_key: str = "caption",
+    ) -> None:
+        super().__init__(
+            **_batching(
+                min_batch_size,
+                max_batch_size if max_batch_size is not None else captioner.batch_size,
+                max_batch_duration_secs,
+            ),
+            large_model=share_model_across_processes,
+        )
+        self.captioner_config = captioner
+        self.image_key = image_key
+        self.caption_key = caption_key
+        self._share = share_model_across_processes
+
+    def load_model(self) -> Captioner:
+        return load_captioner(self.captioner_config)
+
+    def run_inference(
+        self,
+        batch: Sequence[dict],
+        model: Captioner,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        images = [decode_image(row[self.image_key]) for row in batch]
+        contexts = [row.get(self.caption_key) or "" for row in batch]
+        captions = model.caption(images, contexts)
+        return [
+            PredictionResult(example=row, inference=text, model_id=model.source)
+            for row, text in zip(batch, captions, strict=True)
+        ]
+
+    def get_num_bytes(self, batch: Sequence[dict]) -> int:
+        return sum(len(row[self.image_key]) for row in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "capgap_recaption"
+
+    def share_model_across_processes(self) -> bool:
+        return self._share
+
+
+@dataclass(frozen=True)
+class GateScores:
+    """Reference-CLIP cosines of one image with its new and its original caption."""
+
+    new: float
+    original: float
+
+
+class _ClipScorer:
+    """A loaded reference CLIP: cos(image, caption) for batches of pairs."""
+
+    def __init__(self, run_dir: str, device: str) -> None:
+        from capgap.models.clip_factory import load_run
+
+        self.model, self.preprocess, self.tokenizer = load_run(run_dir, device=device)
+        self.device = next(self.model.parameters()).device
+
+    def scores(self, images: Sequence[Any], new: Sequence[str], original: Sequence[str]):
+        import torch
+
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        texts = self.tokenizer([*new, *original]).to(self.device)
+        with torch.inference_mode():
+            img = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
+            txt = torch.nn.functional.normalize(self.model.encode_text(texts).float(), dim=-1)
+        n = len(images)
+        cos_new = (img * txt[:n]).sum(-1).tolist()
+        cos_original = (img * txt[n:]).sum(-1).tolist()
+        return [GateScores(a, b) for a, b in zip(cos_new, cos_original, strict=True)]
+
+
+class CaptionGateModelHandler(ModelHandler[tuple, GateScores, Any]):
+    """Scores ``(row, new_caption, ...)`` tuples with the reference CLIP run at ``clip_run``."""
+
+    def __init__(
+        self,
+        clip_run: str,
+        *,
+        device: str = "cpu",
+        min_batch_size: int | None = 1,
+        max_batch_size: int | None = 64,
+        max_batch_duration_secs: int | None = None,
+        image_key: str = "image",
+        caption_key: str = "caption",
+    ) -> None:
+        super().__init__(**_batching(min_batch_size, max_batch_size, max_batch_duration_secs))
+        self.clip_run = clip_run
+        self.device = device
+        self.image_key = image_key
+        self.caption_key = caption_key
+
+    def load_model(self) -> _ClipScorer:
+        return _ClipScorer(self.clip_run, self.device)
+
+    def run_inference(
+        self,
+        batch: Sequence[tuple],
+        model: _ClipScorer,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        images = [decode_image(item[0][self.image_key]) for item in batch]
+        new = [item[1] for item in batch]
+        original = [item[0].get(self.caption_key) or "" for item in batch]
+        scores = model.scores(images, new, original)
+        return [
+            PredictionResult(example=pair, inference=score, model_id=self.clip_run)
+            for pair, score in zip(batch, scores, strict=True)
+        ]
+
+    def get_num_bytes(self, batch: Sequence[tuple]) -> int:
+        return sum(len(item[0][self.image_key]) for item in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "capgap_recaption_gate"

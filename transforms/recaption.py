@@ -1,0 +1,177 @@
+"""``Recaption``: the PTransform that rewrites terse captions with a captioning model.
+
+Interface (what ``capgap curate`` wires in after its decide step):
+
+* input: a PCollection of row dicts with at least ``uid`` (stable, unique),
+  ``image`` (validated encoded image bytes) and ``caption`` (str); every other
+  key (``clip_score``, ``certainty``, ``imbalance``, labels, ...) is carried
+  through unchanged;
+* output: one row dict per input row, with the input keys plus
+  - ``original_caption``: the input ``caption``;
+  - ``cfg.output_column`` (default ``caption``, i.e. replaced in place): the
+    dense caption, or the original when it was not accepted. With another
+    output column, ``caption`` keeps the original;
+  - ``caption_source``: ``"<model id or path>@<fingerprint>"`` when the dense
+    caption was kept, ``"original"`` otherwise;
+  - ``recaption_status``: ``recaptioned`` | ``kept_original_empty`` (the model
+    wrote nothing) | ``kept_original_gate`` (the quality gate found the new
+    caption less aligned with the image than the original);
+  - ``gate_clip_score_new`` / ``gate_clip_score_original``: the reference
+    CLIP's cosine of the image with each caption (None without the gate).
+
+The quality gate (``gate.enabled``) re-scores both captions with the reference
+CLIP run (``gate.clip_run``, loaded by ``clip_factory.load_run``) and keeps the
+original when ``new < original - gate.margin``. Beam metrics: counter
+``capgap_recaption/<status>`` per row. A trainer that mixes dense and original
+captions with probability p reads ``caption`` and ``original_caption``.
+
+    curated = rows | "Recaption" >> Recaption(RecaptionConfig(
+        captioner=CaptionerConfig(model="runs/captioner"),
+        gate=GateConfig(enabled=True, clip_run="runs/reference-clip")))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
+
+from capgap.models.captioner import CaptionerConfig
+from capgap.models.recaption_handler import CaptionGateModelHandler, RecaptionModelHandler
+
+ORIGINAL_COLUMN = "original_caption"
+SOURCE_COLUMN = "caption_source"
+STATUS_COLUMN = "recaption_status"
+GATE_NEW_COLUMN = "gate_clip_score_new"
+GATE_ORIGINAL_COLUMN = "gate_clip_score_original"
+ORIGINAL_SOURCE = "original"
+STATUSES: tuple[str, ...] = ("recaptioned", "kept_original_empty", "kept_original_gate")
+METRICS_NAMESPACE = "capgap_recaption"
+
+
+@dataclass
+class GateConfig:
+    """Keep the original caption when the new one is less aligned with the image."""
+
+    enabled: bool = False
+    clip_run: str | None = None  # reference CLIP run folder (config.yaml + model.safetensors)
+    margin: float = 0.0  # keep original when cos(new) < cos(original) - margin
+    device: str = "cpu"
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.clip_run:
+            raise ValueError("gate.enabled needs gate.clip_run (a reference CLIP run folder)")
+        if self.batch_size < 1:
+            raise ValueError("gate.batch_size must be >= 1")
+
+
+@dataclass
+class RecaptionConfig:
+    """Settings of the recaption stage (the ``recaption`` section of configs/captioner.yaml)."""
+
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    output_column: str = "caption"
+    min_batch_size: int = 1
+    max_batch_size: int | None = None  # default: captioner.batch_size
+    max_batch_duration_secs: int | None = None
+    share_model_across_processes: bool = False
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        reserved = {ORIGINAL_COLUMN, SOURCE_COLUMN, STATUS_COLUMN, "uid", "image"}
+        if self.output_column in reserved:
+            raise ValueError(f"output_column may not be one of {sorted(reserved)}")
+
+
+def finalize_row(
+    row: dict,
+    new_caption: str,
+    source: str,
+    cfg: RecaptionConfig,
+    scores: Any | None = None,
+) -> dict:
+    """The output row for one input ``row`` given the model's caption and the gate's scores."""
+    original = row.get("caption") or ""
+    out = dict(row)
+    out[ORIGINAL_COLUMN] = original
+    new_caption = (new_caption or "").strip()
+    if not new_caption:
+        status = "kept_original_empty"
+    elif scores is not None and scores.new < scores.original - cfg.gate.margin:
+        status = "kept_original_gate"
+    else:
+        status = "recaptioned"
+    out[cfg.output_column] = new_caption if status == "recaptioned" else original
+    out[SOURCE_COLUMN] = source if status == "recaptioned" else ORIGINAL_SOURCE
+    out[STATUS_COLUMN] = status
+    out[GATE_NEW_COLUMN] = None if scores is None else float(scores.new)
+    out[GATE_ORIGINAL_COLUMN] = None if scores is None else float(scores.original)
+    return out
+
+
+class _Finalize(beam.DoFn):
+    def __init__(self, cfg: RecaptionConfig) -> None:
+        self.cfg = cfg
+        self._counters: dict[str, Any] = {}
+
+    def setup(self) -> None:
+        self._counters = {s: beam.metrics.Metrics.counter(METRICS_NAMESPACE, s) for s in STATUSES}
+
+    def process(self, element):
+        _, (row, text, source, scores) = element
+        out = finalize_row(row, text, source, self.cfg, scores)
+        self._counters[out[STATUS_COLUMN]].inc()
+        yield out
+
+
+def _unpack_caption(element: tuple[str, PredictionResult]):
+    uid, result = element
+    return uid, (result.example, result.inference, result.model_id)
+
+
+def _unpack_gate(element: tuple[str, PredictionResult]):
+    uid, result = element
+    row, text, source = result.example
+    return uid, (row, text, source, result.inference)
+
+
+class Recaption(beam.PTransform):
+    """Row dicts in, recaptioned row dicts out (see the module docstring for the columns)."""
+
+    def __init__(self, config: RecaptionConfig, label: str | None = None) -> None:
+        super().__init__(label)
+        self.config = config
+
+    def expand(self, rows):
+        cfg = self.config
+        handler = RecaptionModelHandler(
+            cfg.captioner,
+            min_batch_size=cfg.min_batch_size,
+            max_batch_size=cfg.max_batch_size,
+            max_batch_duration_secs=cfg.max_batch_duration_secs,
+            share_model_across_processes=cfg.share_model_across_processes,
+        )
+        captioned = (
+            rows
+            | "KeyByUid" >> beam.Map(lambda row: (row["uid"], row))
+            | "Caption" >> RunInference(KeyedModelHandler(handler))
+            | "UnpackCaption" >> beam.Map(_unpack_caption)
+        )
+        if cfg.gate.enabled:
+            gate = CaptionGateModelHandler(
+                cfg.gate.clip_run,
+                device=cfg.gate.device,
+                max_batch_size=cfg.gate.batch_size,
+                max_batch_duration_secs=cfg.max_batch_duration_secs,
+            )
+            scored = (
+                captioned
+                | "Gate" >> RunInference(KeyedModelHandler(gate))
+                | "UnpackGate" >> beam.Map(_unpack_gate)
+            )
+        else:
+            scored = captioned | "NoGate" >> beam.Map(lambda kv: (kv[0], (*kv[1], None)))
+        return scored | "Finalize" >> beam.ParDo(_Finalize(cfg))
