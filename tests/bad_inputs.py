@@ -1134,4 +1134,41 @@ def reference_build(
     return _REFERENCE_BUILDS[key]
 
 
+#: Scores may differ by this much between runners (different batches through the model).
+FLOAT_TOLERANCE = 1e-5
+
+
+def rows_by_key(built: BuildOutput) -> dict[tuple[str, str], dict]:
+    out = {}
+    for folder, rows in built.rows.items():
+        for row in rows:
+            key = (folder, row["uid"], row["source"], row["source_index"])
+            assert key not in out, f"row twice: {key}"
+            out[key] = row
+    return out
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return abs(a - b) <= FLOAT_TOLERANCE
+    return a == b
+
+
+def build_differences(a: BuildOutput, b: BuildOutput, skip=frozenset()) -> list[str]:
+    """Rows (matched by folder, uid, source, index) that differ between two builds."""
+    rows_a, rows_b = rows_by_key(a), rows_by_key(b)
+    problems = [f"only in the first run: {k}" for k in sorted(set(rows_a) - set(rows_b))]
+    problems += [f"only in the second run: {k}" for k in sorted(set(rows_b) - set(rows_a))]
+    for key in sorted(set(rows_a) & set(rows_b)):
+        ra, rb = rows_a[key], rows_b[key]
+        if set(ra) != set(rb):
+            problems.append(f"{key}: columns differ {set(ra) ^ set(rb)}")
+        for column in sorted(set(ra) & set(rb) - set(skip)):
+            if not _same_value(ra[column], rb[column]):
+                problems.append(f"{key} {column}: {ra[column]!r:.80} != {rb[column]!r:.80}")
+    return problems
+
+
 _REFERENCE_BUILDS: dict[tuple[str, str], tuple[Corpus, BuildOutput]] = {}
