@@ -369,6 +369,53 @@ def make_record(
     }
 
 
+def _is_utf8(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _make_encodable(record: dict[str, Any]) -> None:
+    """Text holding lone surrogates (undecodable bytes read with surrogateescape) cannot
+    cross a Beam coder: captions and paths go back to their raw bytes (decode then names
+    the problem), identifiers and passthrough values are backslash-escaped."""
+    for key in ("caption", "image_path"):
+        value = record[key]
+        if isinstance(value, str) and not _is_utf8(value):
+            record[key] = value.encode("utf-8", "surrogateescape")
+    for key in ("uid", "source"):
+        if not _is_utf8(record[key]):
+            record[key] = _escaped(record[key])
+    columns = record["columns"]
+    for key, value in columns.items():
+        if isinstance(value, str) and not _is_utf8(value):
+            columns[key] = _escaped(value)
+    if record["error"] is not None:
+        record["error"] = tuple(
+            v if not isinstance(v, str) or _is_utf8(v) else _escaped(v) for v in record["error"]
+        )
+
+
+def _pylist(column: pa.ChunkedArray | pa.Array, raw: bool = False) -> list:
+    """``to_pylist``, surviving invalid UTF-8 in string columns (as bytes when ``raw``,
+    else backslash-escaped text)."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        values = column.cast(pa.large_binary()).to_pylist()
+        if raw:
+            return values
+        return [None if v is None else v.decode("utf-8", "backslashreplace") for v in values]
+
+
 def _error(reason: Reason, err: BaseException | str, error_class: str | None = None):
     if isinstance(err, BaseException):
         return (reason.value, type(err).__name__, str(err)[:2000] or repr(err))
@@ -398,6 +445,7 @@ class _ReadFn(beam.DoFn):
     def _emit(self, **kwargs: Any) -> tuple[str, dict[str, Any]]:
         self.rows_in.inc()
         record = make_record(**kwargs)
+        _make_encodable(record)
         return record["uid"], record
 
     def _shard_error(self, path: str, reason: Reason, err: BaseException | str, index: int = -1):
@@ -471,7 +519,7 @@ class _TableRows:
         plan = self.plan
         n = batch.num_rows
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-        uids = table.column(self.uid_col).to_pylist() if self.uid_col else [None] * n
+        uids = _pylist(table.column(self.uid_col)) if self.uid_col else [None] * n
         columns, cast_problem = self._passthrough(table)
         if self.problems or cast_problem:
             reason, message = self.problems[0] if self.problems else cast_problem
@@ -483,8 +531,12 @@ class _TableRows:
                     error=(reason.value, "SchemaError", message),
                 )
             return
-        images = table.column(plan.image_column).to_pylist()
-        captions = table.column(plan.caption_column).to_pylist()
+        image_column = table.column(plan.image_column)
+        is_text = pa.types.is_string(image_column.type) or pa.types.is_large_string(
+            image_column.type
+        )
+        images = _pylist(image_column, raw=not is_text)
+        captions = _pylist(table.column(plan.caption_column), raw=True)
         for i in range(n):
             data, path, problem = _image_value(images[i])
             kwargs: dict[str, Any] = {
@@ -515,7 +567,7 @@ class _TableRows:
                         Reason.COLUMN_TYPE_INVALID,
                         f"column {src!r} ({column.type}) does not fit {f.type}: {err}",
                     )
-            out[f.name] = column.to_pylist()
+            out[f.name] = _pylist(column)
         return out, None
 
 

@@ -16,8 +16,11 @@ caption_i) over the bank (the pair itself excluded) and s_ii = cos(image_i, capt
   ``score.margin_quantile`` of s_j), so a terse but correct caption, which fits
   many images about as well as its own, still scores near 1.
 - ``imbalance`` (how much of the image the caption leaves unsaid),
-  ``score.imbalance``: ``entropy``: normalised entropy of softmax_j(s_j / tau):
-  a caption that fits many different images says less than the image shows.
+  ``score.imbalance``: ``entropy``: normalised entropy of the softmax over
+  {s_ii} and the s_j, at temperature tau: a caption that fits many different
+  images says less than the image shows; one that singles out its own image
+  says about as much. (The own image must be in the softmax: without it a
+  specific caption of an image unlike any bank image looks as vague as a terse one.)
 
 tau is the model's own temperature (1 / exp(logit_scale)) unless ``score.tau`` is set.
 ``capgap check-scores`` validates the choices against the synthetic ground truth.
@@ -118,7 +121,9 @@ def pair_scores(
     return {
         "clip_score": s_self,
         "certainty": certainty,
-        "imbalance": normalised_entropy(s_bank, tau),
+        # The own image competes too: a specific caption singles it out (low entropy) even
+        # when no bank image fits; a terse one spreads over every image it also fits.
+        "imbalance": normalised_entropy(np.append(s_bank, s_self), tau),
     }
 
 

@@ -1,0 +1,237 @@
+"""Scores, bank sampling, decision policy and the CLIP ModelHandler (tiny random-init model).
+
+.venv/bin/python -m pytest -q tests/test_score.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from capgap.models.clip_handler import ClipModelConfig, ClipModelHandler, model_fingerprint
+from capgap.transforms.decide import (
+    DecideConfig,
+    Rule,
+    ScoreHistograms,
+    decide,
+    histogram_quantile,
+    resolve_thresholds,
+)
+from capgap.transforms.reasons import Reason
+from capgap.transforms.score import (
+    SampleBank,
+    ScoreConfig,
+    ScorePairs,
+    certainty_margin,
+    certainty_rank,
+    make_bank,
+    normalised_entropy,
+    pair_scores,
+    uid_hash,
+)
+
+
+def unit(v):
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+# --- scores ----------------------------------------------------------------------------------
+
+
+def test_uid_hash_is_stable_and_salted():
+    assert uid_hash("a", "s") == uid_hash("a", "s")
+    assert uid_hash("a", "s") != uid_hash("a", "t")
+    assert 0 <= uid_hash("x\udcff", "s") < 2**64  # survives odd text
+
+
+def test_certainty_rank_and_margin():
+    bank = np.array([0.1, 0.2, 0.3, 0.4])
+    assert certainty_rank(0.5, bank) == 1.0
+    assert certainty_rank(0.0, bank) == 0.0
+    assert certainty_rank(0.2, bank) == pytest.approx(0.375)  # beats 1, ties 1
+    assert certainty_margin(0.5, bank, 0.05, 1.0) == 1.0
+    assert certainty_margin(0.3, bank, 0.05, 1.0) == pytest.approx(math.exp(-0.1 / 0.05))
+    # lower tau: a mismatched caption is punished harder
+    assert certainty_margin(0.3, bank, 0.01, 1.0) < certainty_margin(0.3, bank, 0.1, 1.0)
+
+
+def test_entropy_is_high_for_captions_that_fit_many_images():
+    flat = np.full(100, 0.3)
+    peaked = np.full(100, 0.0)
+    peaked[3] = 1.0
+    assert normalised_entropy(flat, 0.05) == pytest.approx(1.0)
+    assert normalised_entropy(peaked, 0.01) < 0.05
+    assert 0.0 <= normalised_entropy(np.linspace(-1, 1, 50), 0.07) <= 1.0
+
+
+def test_pair_scores_on_a_toy_world():
+    """A specific caption points at its own image; a vague one fits many images."""
+    rng = np.random.default_rng(0)
+    images = np.stack([unit(rng.normal(size=16)) for _ in range(64)])
+    own = images[0]
+    specific = own
+    vague = unit(images[:32].mean(axis=0))
+    wrong = images[40]
+    cfg = ScoreConfig(certainty="rank")
+    s_spec = pair_scores(own, specific, images, 0.05, cfg, exclude=0)
+    s_vague = pair_scores(own, vague, images, 0.05, cfg, exclude=0)
+    s_wrong = pair_scores(own, wrong, images, 0.05, cfg, exclude=0)
+    assert s_spec["certainty"] == 1.0
+    assert s_wrong["certainty"] < 0.5
+    assert s_vague["imbalance"] > s_spec["imbalance"]
+    assert s_spec["clip_score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_make_bank_orders_by_hash_then_uid():
+    entries = [(2, "b", np.ones(2), np.ones(2), 20.0), (1, "a", np.zeros(2), np.ones(2), 20.0)]
+    bank = make_bank(entries)
+    assert bank["uids"] == ["a", "b"] and bank["tau"] == pytest.approx(0.05)
+    assert make_bank(entries, tau=0.1)["tau"] == 0.1
+
+
+def _rows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img, txt = unit(rng.normal(size=8)), unit(rng.normal(size=8))
+        row = {"image_embedding": img, "text_embedding": txt, "logit_scale": 20.0, "x": i}
+        out.append((f"u{i:03d}", row))
+    return out
+
+
+def test_bank_is_the_same_whatever_the_order():
+    rows = _rows(40)
+    cfg = ScoreConfig(bank_size=10)
+    expected = sorted(rows, key=lambda kv: (uid_hash(kv[0], cfg.bank_salt), kv[0]))[:10]
+    expected_uids = [u for u, _ in expected]
+    with TestPipeline() as p:
+        bank_a = p | "A" >> beam.Create(rows) | "BankA" >> SampleBank(cfg)
+        bank_b = p | "B" >> beam.Create(rows[::-1]) | "BankB" >> SampleBank(cfg)
+        for label, bank in (("a", bank_a), ("b", bank_b)):
+            assert_that(
+                bank | f"Uids{label}" >> beam.Map(lambda b: b["uids"]),
+                equal_to([expected_uids]),
+                label=f"uids-{label}",
+            )
+        scored = (p | "C" >> beam.Create(rows)) | ScorePairs(cfg, bank_a)
+        assert_that(
+            scored
+            | beam.Map(
+                lambda kv: (
+                    kv[0],
+                    "image_embedding" in kv[1],
+                    0.0 <= kv[1]["certainty"] <= 1.0,
+                    0.0 <= kv[1]["imbalance"] <= 1.0,
+                )
+            ),
+            equal_to([(u, False, True, True) for u, _ in rows]),
+            label="scored",
+        )
+
+
+# --- decision policy -------------------------------------------------------------------------
+
+
+def _hists(values: dict[str, list[float]], bins: int = 1000):
+    combine = ScoreHistograms(bins)
+    acc = combine.create_accumulator()
+    n = len(next(iter(values.values())))
+    for i in range(n):
+        acc = combine.add_input(acc, {k: v[i] for k, v in values.items()})
+    return combine.extract_output(acc)
+
+
+def test_histogram_quantile():
+    hist = np.zeros(100, dtype=np.int64)
+    hist[[10, 20, 30, 40]] = 1  # values 0.10 .. 0.40 on [0, 1)
+    assert histogram_quantile(hist, 0.5, 0.0, 1.0) == pytest.approx(0.30)  # 2 of 4 below
+    assert histogram_quantile(hist, 0.0, 0.0, 1.0) == pytest.approx(0.10)
+    assert histogram_quantile(np.zeros(10, np.int64), 0.5, 0.0, 1.0) == 0.0
+
+
+def test_threshold_modes_and_decisions():
+    values = np.linspace(0.0, 0.99, 100)
+    hists = _hists(
+        {"certainty": list(values), "imbalance": list(values), "clip_score": list(values)}
+    )
+    cfg = DecideConfig(drop=Rule("quantile", 0.2), recaption=Rule("top_fraction", 0.3))
+    t = resolve_thresholds(cfg, hists)
+    dropped = sum(v < t["certainty"] for v in values)
+    recaptioned = sum(v > t["imbalance"] for v in values)
+    assert dropped == 20 and recaptioned == 30 and t["clip_score"] is None
+    cfg = DecideConfig(drop=Rule("top_fraction", 0.3), recaption=Rule("off", 0.0))
+    t = resolve_thresholds(cfg, hists)
+    assert sum(v >= t["certainty"] for v in values) == 30
+    with pytest.raises(ValueError):
+        resolve_thresholds(cfg, None)
+    t = resolve_thresholds(DecideConfig(drop_clip=Rule("absolute", 0.2)), None)
+    row = {"certainty": 0.9, "clip_score": 0.1, "imbalance": 0.1}
+    assert decide(row, t) == ("drop", Reason.LOW_CLIP_SCORE)
+    assert decide({**row, "certainty": 0.1}, t) == ("drop", Reason.LOW_CERTAINTY)
+    assert decide({**row, "clip_score": 0.5, "imbalance": 0.9}, t) == (
+        "recaption",
+        Reason.HIGH_IMBALANCE,
+    )
+    assert decide({**row, "clip_score": 0.5}, t) == ("keep", Reason.PASSED)
+    with pytest.raises(ValueError):
+        Rule("quantile", 1.5)
+
+
+# --- the ModelHandler ------------------------------------------------------------------------
+
+
+def _pairs(n):
+    rng = np.random.default_rng(1)
+    return [
+        {
+            "pixels": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            "caption": f"a red circle {i}",
+        }
+        for i in range(n)
+    ]
+
+
+def test_handler_is_deterministic_and_normalised():
+    cfg = ClipModelConfig(min_batch_size=2, max_batch_size=4, metrics_namespace="ns")
+    handler = ClipModelHandler(cfg)
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 2, "max_batch_size": 4}
+    assert handler.get_metrics_namespace() == "ns"
+    assert not handler.share_model_across_processes()
+    pairs = _pairs(3)
+    out_a = list(handler.run_inference(pairs, handler.load_model()))
+    out_b = list(handler.run_inference(pairs, ClipModelHandler(cfg).load_model()))
+    for i, (a, b) in enumerate(zip(out_a, out_b, strict=True)):
+        np.testing.assert_array_equal(
+            a.inference["image_embedding"], b.inference["image_embedding"]
+        )
+        assert np.linalg.norm(a.inference["text_embedding"]) == pytest.approx(1.0, abs=1e-5)
+        assert a.model_id == "capgap-micro-vit/random-init-seed0"
+        assert a.example is pairs[i]
+    assert handler.get_num_bytes(pairs) == sum(
+        p["pixels"].nbytes + len(p["caption"]) for p in pairs
+    )
+    shared = ClipModelHandler(ClipModelConfig(share_model_across_processes=True, model_copies=2))
+    assert shared.share_model_across_processes() and shared.model_copies() == 2
+    fp = model_fingerprint(cfg)
+    assert len(fp["sha256"]) == 64 and fp == model_fingerprint(cfg)
+    assert model_fingerprint(ClipModelConfig(seed=1))["sha256"] != fp["sha256"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_fails_loudly():
+    handler = ClipModelHandler(ClipModelConfig(device="cuda"))
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        handler.load_model()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        ClipModelConfig(min_batch_size=8, max_batch_size=4)
+    with pytest.raises(ValueError):
+        ScoreConfig(bank_size=1)
