@@ -1,0 +1,312 @@
+"""``capgap demo``: the whole loop on the synthetic world, offline, on CPU.
+
+1. ``synth``: write the ``seed`` (dense), ``web`` (terse, 10% mismatched) and
+   ``test`` (dense, labelled) splits;
+2. train the reference CLIP and the dense captioner on ``seed``;
+3. ``curate`` the ``web`` split through Beam (DirectRunner): score certainty and
+   imbalance, drop mismatched pairs, recaption terse ones, write shards;
+4. train the same student CLIP on the original ``web`` split and on the curated
+   one with the same budget (pairs seen);
+5. evaluate both on ``test``, write a report (Markdown + plots) and print the
+   headline table.
+
+    capgap demo                      # configs/demo.yaml (about 5-10 minutes on 2 cores)
+    capgap demo --quick              # configs/demo_quick.yaml (the smoke test in `make test`)
+    capgap demo --out_dir demo_out --set student.epochs=12
+
+Everything lands under ``out_dir``; ``headline.json`` and ``report/report.md``
+hold the results, ``config.yaml`` the resolved settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from capgap.pipeline import curate, synth
+from capgap.pipeline.config import (
+    ConfigError,
+    add_config_args,
+    config_from_args,
+    load_config,
+    save_resolved,
+)
+from capgap.pipeline.evaluate import EvalConfig, evaluate
+from capgap.pipeline.report import ReportConfig, make_report
+from capgap.pipeline.train import TrainConfig, train
+from capgap.pipeline.train_captioner import TrainCaptionerConfig, train_captioner
+
+# Headline metrics: (key in eval.json, label, better when)
+HEADLINE: list[tuple[str, str, str]] = [
+    ("l2m", "L2M gap", "lower"),
+    ("rmg", "RMG", "lower"),
+    ("linear_separability", "linear separability", "lower"),
+    ("i2t_r@1", "image->text R@1", "higher"),
+    ("t2i_r@1", "text->image R@1", "higher"),
+    ("zs_acc_object", "zero-shot object acc", "higher"),
+    ("zs_acc_attr_mean", "zero-shot attribute acc (mean)", "higher"),
+    ("zs_mean_flip_noise0.3", "zero-shot flip rate, sigma 0.3", "lower"),
+]
+
+
+@dataclass
+class DemoConfig:
+    out_dir: str = field(default="demo_out", metadata={"help": "everything lands here"})
+    quick: bool = field(default=False, metadata={"help": "use the small demo_quick preset"})
+    runner_mode: str = field(default="in_memory", metadata={"help": "DirectRunner mode for curate"})
+    synth: synth.SynthConfig = field(default_factory=synth.SynthConfig)
+    reference: TrainConfig = field(default_factory=TrainConfig)
+    captioner: TrainCaptionerConfig = field(default_factory=TrainCaptionerConfig)
+    curate: curate.CurateConfig = field(default_factory=curate.CurateConfig)
+    student: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class Timer:
+    """Wall time per demo step, printed as it goes."""
+
+    steps: dict[str, float] = field(default_factory=dict)
+    _start: float = field(default_factory=time.perf_counter)
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.steps[name] = round(now - self._start, 2)
+        print(f"== {name} done in {self.steps[name]:.1f}s", flush=True)
+        self._start = now
+
+
+# --- the steps --------------------------------------------------------------------------------
+
+
+def make_data(cfg: DemoConfig) -> dict[str, str]:
+    """Write the splits; returns split -> Parquet glob."""
+    synth_cfg = replace(cfg.synth, out=str(Path(cfg.out_dir) / "data"), split="all")
+    synth.run(synth_cfg, show_progress=False)
+    return {name: str(Path(synth_cfg.out) / name / "*.parquet") for name in synth_cfg.splits}
+
+
+def train_reference(cfg: DemoConfig, data: dict[str, str]) -> Path:
+    run = replace(cfg.reference, data=data["seed"], out_dir=str(Path(cfg.out_dir) / "reference"))
+    return train(replace(run, overwrite=True, resume=False))
+
+
+def train_dense_captioner(cfg: DemoConfig, data: dict[str, str]) -> Path:
+    out = Path(cfg.out_dir) / "captioner"
+    seed_dir, test_dir = (str(Path(data[s]).parent) for s in ("seed", "test"))
+    return train_captioner(replace(cfg.captioner, data=seed_dir, eval_data=test_dir, out=str(out)))
+
+
+def curate_split(
+    cfg: DemoConfig,
+    split_glob: str,
+    reference: Path,
+    captioner: Path | None,
+    name: str = "curated",
+    drop: bool = True,
+) -> dict[str, Any]:
+    """Run ``capgap curate`` (Beam, DirectRunner) on a split; returns the manifest.
+
+    ``captioner=None`` turns recaptioning off (rows marked recaption keep their
+    caption); ``drop=False`` turns the certainty filter off.
+    """
+    output = Path(cfg.out_dir) / name
+    curate_cfg = replace(cfg.curate, input=split_glob, output=str(output), reference=str(reference))
+    curate_cfg.overwrite = True
+    if not drop:
+        curate_cfg.decide = replace(
+            curate_cfg.decide, drop=replace(curate_cfg.decide.drop, mode="off")
+        )
+    stage = dict(curate_cfg.recaption.stage)
+    if captioner is not None:
+        captioner_section = dict(stage.get("captioner", {}))
+        captioner_section["model"] = str(captioner)
+        stage["captioner"] = captioner_section
+        gate = dict(stage.get("gate", {}))
+        if gate.get("enabled"):
+            gate["clip_run"] = str(reference)
+        stage["gate"] = gate
+    curate_cfg.recaption = curate.RecaptionSwitch(enabled=captioner is not None, stage=stage)
+    config_path = save_resolved(curate_cfg, Path(cfg.out_dir) / "configs", f"{name}.yaml")
+    argv = ["--config", str(config_path), "--direct_running_mode", cfg.runner_mode]
+    return curate.run(argv)
+
+
+def _glob(pattern: str) -> list[Path]:
+    path = Path(pattern)
+    return sorted(path.parent.glob(path.name))
+
+
+def train_student(
+    cfg: DemoConfig, data: str, name: str, budget_pairs: int, seed: int | None = None
+) -> Path:
+    """Train the student on ``data`` for ``budget_pairs`` pairs seen (whole epochs, rounded up)."""
+    rows = sum(pq.read_metadata(p).num_rows for p in _glob(data))
+    if rows == 0:
+        raise ValueError(f"no rows to train on in {data}")
+    epochs = max(1, math.ceil(budget_pairs / rows))
+    run = replace(
+        cfg.student,
+        data=data,
+        out_dir=str(Path(cfg.out_dir) / name),
+        epochs=epochs,
+        seed=cfg.student.seed if seed is None else seed,
+        overwrite=True,
+        resume=False,
+    )
+    return train(run)
+
+
+def evaluate_run(cfg: DemoConfig, run_dir: Path, test_glob: str) -> dict[str, Any]:
+    return evaluate(run_dir, replace(cfg.eval, data=test_glob, out=str(run_dir / "eval.json")))
+
+
+def headline_table(original: dict[str, Any], curated: dict[str, Any]) -> tuple[str, dict]:
+    """Markdown table original vs curated, and the checks the demo promises."""
+    lines = ["| metric | original web | curated web | change |", "|---|---|---|---|"]
+    for key, label, better in HEADLINE:
+        a, b = original.get(key), curated.get(key)
+        if not isinstance(a, float) or not isinstance(b, float):
+            continue
+        rel = f"{(b - a) / abs(a) * 100:+.0f}%" if a else "n/a"
+        mark = "better" if (b < a if better == "lower" else b > a) else "not better"
+        lines.append(f"| {label} | {a:.3f} | {b:.3f} | {rel} ({mark}) |")
+    l2m_cut = 1.0 - curated["l2m"] / original["l2m"]
+    checks = {
+        "l2m_reduction": round(l2m_cut, 4),
+        "l2m_reduced_by_40pct": l2m_cut >= 0.4,
+        "rmg_reduced": curated["rmg"] < original["rmg"],
+        "i2t_r1_not_lower": curated["i2t_r@1"] >= original["i2t_r@1"],
+        "t2i_r1_not_lower": curated["t2i_r@1"] >= original["t2i_r@1"],
+    }
+    return "\n".join(lines), checks
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """The whole loop; returns the headline dict (also written to out_dir/headline.json)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out)
+    timer = Timer()
+    started = time.perf_counter()
+
+    data = make_data(cfg)
+    timer.mark("synth: seed / web / test splits")
+    reference = train_reference(cfg, data)
+    timer.mark("train reference CLIP on seed")
+    captioner = train_dense_captioner(cfg, data)
+    timer.mark("train dense captioner on seed")
+    manifest = curate_split(cfg, data["web"], reference, captioner)
+    timer.mark("curate web (Beam: score, drop, recaption, write)")
+
+    curated_glob = str(out / "curated" / "curated" / "*.parquet")
+    budget = cfg.student.epochs * sum(pq.read_metadata(p).num_rows for p in _glob(data["web"]))
+    student_original = train_student(cfg, data["web"], "student-original", budget)
+    timer.mark("train student on original web")
+    student_curated = train_student(cfg, curated_glob, "student-curated", budget)
+    timer.mark("train student on curated web")
+
+    original = evaluate_run(cfg, student_original, data["test"])
+    curated = evaluate_run(cfg, student_curated, data["test"])
+    timer.mark("evaluate both on test")
+    report = make_report(
+        [student_original, student_curated],
+        ReportConfig(
+            out=str(out / "report"),
+            title="capgap demo: original vs curated web",
+            names=["original", "curated"],
+        ),
+    )
+    timer.mark("report")
+
+    table, checks = headline_table(original, curated)
+    headline = {
+        "curate_counts": manifest.get("counts"),
+        "original": {key: original.get(key) for key, _, _ in HEADLINE},
+        "curated": {key: curated.get(key) for key, _, _ in HEADLINE},
+        "checks": checks,
+        "timings_s": timer.steps,
+        "total_s": round(time.perf_counter() - started, 1),
+        "report": str(report),
+    }
+    (out / "headline.json").write_text(json.dumps(headline, indent=1) + "\n", encoding="utf-8")
+    print()
+    print(f"curate: {json.dumps(manifest.get('counts'))}")
+    print(table)
+    print(f"checks: {json.dumps(checks)}")
+    print(f"total {headline['total_s']:.0f}s; report: {report}; headline: {out / 'headline.json'}")
+    return headline
+
+
+# --- the curation experiment (capgap experiment curation) ---------------------------------------
+
+
+def curation_arms(exp_cfg: Any) -> dict[str, Any]:
+    """Original vs filtered-only vs recaptioned-only vs both, students over ``exp_cfg.seeds``."""
+    from capgap.pipeline.experiment import arm_means, write_results
+
+    cfg = load_config(DemoConfig, "demo")
+    cfg.out_dir = str(Path(exp_cfg.out_dir) / "curation")
+    data = make_data(cfg)
+    reference = train_reference(cfg, data)
+    captioner = train_dense_captioner(cfg, data)
+    curate_split(cfg, data["web"], reference, None, "filtered")
+    curate_split(cfg, data["web"], reference, captioner, "recaptioned", drop=False)
+    curate_split(cfg, data["web"], reference, captioner, "both")
+    arms = {"original": data["web"]}
+    for label in ("filtered", "recaptioned", "both"):
+        arms[label] = str(Path(cfg.out_dir) / label / "curated" / "*.parquet")
+    budget = cfg.student.epochs * sum(pq.read_metadata(p).num_rows for p in _glob(data["web"]))
+    keys = ["l2m", "rmg", "linear_separability", "i2t_r@1", "t2i_r@1", "zs_acc_attr_mean"]
+    rows = []
+    for i, (label, glob) in enumerate(arms.items()):
+        for seed in exp_cfg.seeds:
+            run_dir = train_student(cfg, glob, f"students/{label}-s{seed}", budget, seed)
+            result = evaluate_run(cfg, run_dir, data["test"])
+            rows.append(
+                {"arm": label, "value": i, "seed": seed, **{k: result.get(k) for k in keys}}
+            )
+            print(
+                f"[curation] {label} seed={seed}: l2m={result['l2m']:.3f} i2t_r@1={result['i2t_r@1']:.3f}"
+            )
+    table = arm_means(rows, keys)
+    summary = {e["arm"]: {k: e[k] for k in keys} for e in table}
+
+    def plot(path: Path) -> None:
+        from capgap.pipeline.experiment import _bar_plot
+
+        _bar_plot(table, ["l2m", "rmg", "i2t_r@1"])(path)
+
+    write_results(exp_cfg, "curation", rows, table, keys, summary, plot)
+    return summary
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(
+        prog="capgap demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    add_config_args(parser, DemoConfig, default_config="demo")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cfg__quick and args.config == "demo":
+        args.config = "demo_quick"
+    try:
+        cfg = config_from_args(DemoConfig, args)
+    except ConfigError as err:
+        raise SystemExit(f"capgap demo: {err}") from err
+    run_demo(cfg)
+    return 0
