@@ -99,6 +99,9 @@ class TrainConfig:
         default="fp32", metadata={"help": "fp32, or bf16/fp16 autocast"}
     )
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    threads: int = field(
+        default=0, metadata={"help": "torch CPU threads; 0 = torch's default (use 1 on busy CPUs)"}
+    )
     resume: bool = field(
         default=False, metadata={"help": "continue from out_dir's last checkpoint"}
     )
@@ -114,8 +117,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.num_workers < 0:
-            raise ValueError("num_workers must be >= 0")
+        if self.num_workers < 0 or self.threads < 0:
+            raise ValueError("num_workers and threads must be >= 0")
         if self.temperature is not None and self.temperature <= 0:
             raise ValueError("temperature must be positive")
 
@@ -213,6 +216,8 @@ def train(cfg: TrainConfig) -> Path:
     save_resolved(cfg, out)
     metrics_path = out / "metrics.jsonl"
     seed_everything(cfg.seed)
+    if cfg.threads:  # on an oversubscribed CPU, spinning OpenMP threads cost more than they give
+        torch.set_num_threads(cfg.threads)
 
     # Model. SigLIP needs a learnable logit bias; start it (and the scale) at SigLIP's init.
     model_kwargs = {}
@@ -287,7 +292,7 @@ def train(cfg: TrainConfig) -> Path:
             drop_last=True,
             pin_memory=device.type == "cuda",
         )
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         seen, t_epoch, t_log, seen_log = 0, time.perf_counter(), time.perf_counter(), 0
         bar = tqdm(
             loader,
@@ -303,15 +308,15 @@ def train(cfg: TrainConfig) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # forward + loss, backward, step
+            # forward (autocast on bf16/fp16), loss in fp32, backward, step
             with autocast_context(device, cfg.precision):
-                out_feats = model(images, texts)
-                parts = loss_fn(
-                    out_feats["image_features"].float(),
-                    out_feats["text_features"].float(),
-                    out_feats["logit_scale"].float(),
-                    out_feats.get("logit_bias"),
-                )
+                feats = model(images, texts)
+            parts = loss_fn(
+                feats["image_features"].float(),
+                feats["text_features"].float(),
+                feats["logit_scale"].float(),
+                feats.get("logit_bias"),
+            )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(parts["loss"]).backward()
             if cfg.optim.grad_clip_norm is not None:
@@ -319,17 +324,18 @@ def train(cfg: TrainConfig) -> Path:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
             scaler.step(optimizer)
             scaler.update()
-            with torch.no_grad():  # CLIP's clamp: temperature no lower than 1/100
-                model.logit_scale.clamp_(0, math.log(100))
+            if model.logit_scale.requires_grad:  # CLIP's clamp: tau no lower than 1/100
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
             step += 1
 
             # bookkeeping
             batch = images.shape[0]
             seen, seen_log = seen + batch, seen_log + batch
-            values = {k: v.item() for k, v in parts.items()}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v * batch
+            for k, v in parts.items():  # summed on device: no per-step host sync on CUDA
+                sums[k] = sums.get(k, 0.0) + v.detach() * batch
             if step % cfg.log_every == 0:
+                values = {k: v.item() for k, v in parts.items()}
                 now = time.perf_counter()
                 rate = seen_log / (now - t_log)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{rate:.0f}")
@@ -354,7 +360,7 @@ def train(cfg: TrainConfig) -> Path:
             "kind": "epoch",
             "epoch": epoch + 1,
             "step": step,
-            **{k: v / max(seen, 1) for k, v in sums.items()},
+            **{k: v.item() / max(seen, 1) for k, v in sums.items()},
             "logit_scale": model.logit_scale.exp().item(),
             "samples": seen,
             "seconds": seconds,

@@ -147,6 +147,7 @@ def _cfg(data: str, out, **kw) -> TrainConfig:
         log_every=2,
         progress=False,
         seed=0,
+        threads=1,
     )
     base.update(kw)
     cfg = TrainConfig(**base)
@@ -225,6 +226,8 @@ def test_fine_tune_from_checkpoint_and_cli(seed_split, tmp_path):
             "--num_workers",
             "0",
             "--no_progress",
+            "--threads",
+            "1",
             "--pretrained",
             str(first / "model.safetensors"),
             "--lr",

@@ -1,0 +1,144 @@
+"""Training throughput: ``capgap train`` against a bare open_clip loop, in one process.
+
+Both train the same architecture with the same batch size, optimiser and data (a
+synthetic seed split written to a temporary folder). The bare loop is the floor
+of what open_clip itself costs: images decoded and tokenised once up front, then
+forward, open_clip's ClipLoss, backward, AdamW. ``capgap train`` streams and
+decodes Parquet in DataLoader workers, schedules the learning rate, logs and
+checkpoints every epoch. Runs alternate (bare, capgap, bare, capgap, ...) so that
+load from other processes hits both alike; the first epoch of every run is
+excluded as warm-up. Prints samples/s for each and the ratio (target >= 0.9).
+
+    python benchmarks/train_throughput.py                      # micro CLIP, 2048 pairs
+    python benchmarks/train_throughput.py --n 4096 --epochs 4 --reps 3 --num_workers 1 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import open_clip
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from capgap.models.clip_factory import create_clip
+from capgap.pipeline import synth
+from capgap.pipeline.train import TrainConfig, train
+
+
+def load_tensors(files: list[Path], preprocess, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    images, captions = [], []
+    for path in files:
+        table = pq.read_table(path, columns=["image", "caption"]).to_pydict()
+        for raw, caption in zip(table["image"], table["caption"], strict=True):
+            images.append(preprocess(Image.open(io.BytesIO(raw)).convert("RGB")))
+            captions.append(caption)
+    return torch.stack(images), tokenizer(captions)
+
+
+def bare_open_clip(
+    model_name: str, images, texts, batch_size: int, epochs: int, lr: float
+) -> list[float]:
+    """Samples/s per epoch of a plain open_clip training loop on in-memory tensors."""
+    torch.manual_seed(0)
+    model, _, _ = create_clip(model_name)
+    model.train()
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    rates = []
+    for _ in range(epochs):
+        start, seen = time.perf_counter(), 0
+        order = torch.randperm(len(images))
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[i : i + batch_size]
+            img, txt, scale = model(images[idx], texts[idx])
+            loss = loss_fn(img, txt, scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(idx)
+        rates.append(seen / (time.perf_counter() - start))
+    return rates
+
+
+def capgap_train(
+    model_name: str, data: str, out: Path, batch_size: int, epochs: int, lr: float, num_workers: int
+) -> list[float]:
+    """Samples/s per epoch of ``capgap train`` (read from its metrics.jsonl)."""
+    cfg = TrainConfig(
+        model=model_name,
+        data=data,
+        out_dir=str(out),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        num_workers=num_workers,
+        progress=False,
+        overwrite=True,
+        log_every=10**6,
+    )
+    train(cfg)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["samples_per_s"] for r in lines if r["kind"] == "epoch"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="capgap-micro-vit")
+    parser.add_argument("--n", type=int, default=2048, help="training pairs")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=3, help="per run; the first is warm-up")
+    parser.add_argument("--reps", type=int, default=2, help="alternating runs of each")
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads, 0 = default")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        image_size = create_clip(args.model)[0].visual.image_size[0]
+        synth.run(
+            synth.SynthConfig(
+                out=str(tmp), split="seed", n=args.n, shards=4, image_size=image_size
+            ),
+            show_progress=False,
+        )
+        data = str(tmp / "seed" / "*.parquet")
+        _, preprocess, tokenizer = create_clip(args.model)
+        images, texts = load_tensors(
+            sorted((tmp / "seed").glob("*.parquet")), preprocess, tokenizer
+        )
+        bare, ours = [], []
+        for rep in range(args.reps):
+            b = bare_open_clip(args.model, images, texts, args.batch_size, args.epochs, 1e-3)[1:]
+            c = capgap_train(
+                args.model, data, tmp / "run", args.batch_size, args.epochs, 1e-3, args.num_workers
+            )[1:]
+            print(
+                f"rep {rep}: bare open_clip {[round(r) for r in b]} samples/s, "
+                f"capgap train {[round(r) for r in c]} samples/s"
+            )
+            bare += b
+            ours += c
+    b, c = statistics.median(bare), statistics.median(ours)
+    print(
+        f"{args.model}, batch {args.batch_size}, {args.n} pairs, {torch.get_num_threads()} threads, "
+        f"num_workers {args.num_workers}"
+    )
+    print(f"bare open_clip loop: {b:.0f} samples/s (median of {len(bare)} epochs)")
+    print(f"capgap train:        {c:.0f} samples/s (median of {len(ours)} epochs)")
+    print(f"ratio capgap / bare: {c / b:.2f} (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
