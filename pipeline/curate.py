@@ -324,7 +324,7 @@ def preset_flags(name_or_path: str) -> tuple[list[str], list[str]]:
 def parse(argv: Sequence[str]) -> tuple[CurateConfig, PipelineOptions]:
     """Resolve argv (with an optional --runner_preset) into (config, pipeline options)."""
     argv = list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--runner_preset", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.runner_preset:
@@ -343,21 +343,21 @@ def parse(argv: Sequence[str]) -> tuple[CurateConfig, PipelineOptions]:
     return cfg, options
 
 
-def prepare_output(cfg: CurateConfig) -> None:
-    existing = [
-        m.path
-        for r in FileSystems.match(
-            [posixpath.join(cfg.output, MANIFEST)]
-            + [posixpath.join(cfg.output, d, "*") for d in (CURATED, REJECTED, ERRORS)]
+def prepare_output(cfg: CurateConfig) -> list[str]:
+    """Refuse to replace a finished build without --overwrite; clear an unfinished one.
+
+    A build without a manifest never finished (the manifest is written last), so what
+    it left (part files, Beam's ``beam-temp-*`` folders) is removed before writing.
+    """
+    finished = FileSystems.exists(posixpath.join(cfg.output, MANIFEST))
+    if finished and not cfg.overwrite:
+        raise FileExistsError(f"{cfg.output} already holds a finished build; pass --overwrite")
+    cleared = clear_outputs(cfg.output)
+    if cleared and not finished:
+        LOG.warning(
+            "removed %d leftovers of an unfinished build under %s", len(cleared), cfg.output
         )
-        for m in r.metadata_list
-    ]
-    if existing and not cfg.overwrite:
-        raise FileExistsError(
-            f"{cfg.output} already holds a build ({len(existing)} files); pass --overwrite"
-        )
-    if existing:
-        clear_outputs(cfg.output)
+    return cleared
 
 
 def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:

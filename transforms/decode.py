@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import re
 import sys
 import unicodedata
 import warnings
@@ -111,7 +112,6 @@ def normalise_caption(raw: Any, cfg: CaptionConfig) -> tuple[str, list[str]]:
         raise RecordError(
             Reason.CAPTION_TYPE_INVALID, f"caption is a {type(raw).__name__}, not text"
         )
-    text = unicodedata.normalize("NFC", text)
     chars = []
     for ch in text:
         if ch in _INVISIBLE:
@@ -121,7 +121,9 @@ def normalise_caption(raw: Any, cfg: CaptionConfig) -> tuple[str, list[str]]:
             chars.append(" " if ch.isspace() else "")
         else:
             chars.append(ch)
-    text = " ".join("".join(chars).split())
+    # NFC after the removals, so an invisible character between a letter and its combining
+    # mark cannot keep the pair apart (and normalising twice changes nothing).
+    text = " ".join(unicodedata.normalize("NFC", "".join(chars)).split())
     if not text:
         raise RecordError(Reason.CAPTION_EMPTY, "caption is empty after normalisation")
     if len(text) > cfg.max_chars:
@@ -151,10 +153,17 @@ class DecodedImage:
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
-def _high_depth_to_l(im: Image.Image) -> Image.Image:
-    """16-bit / 32-bit / float greyscale -> 8-bit, scaled by the value range it uses."""
+def _high_depth_to_l(im: Image.Image, fmt: str | None = None) -> Image.Image:
+    """16-bit / 32-bit / float greyscale -> 8-bit.
+
+    A known 16-bit depth (``I;16*`` modes, or ``I`` from a PNG, whose depth is at most
+    16 bits) is scaled by 255/65535 whatever values it uses (a dark image stays dark);
+    other integer and float images by the value range they use.
+    """
     arr = np.asarray(im)
-    if arr.dtype.kind == "f":
+    if im.mode.startswith("I;16") or (im.mode == "I" and fmt == "PNG"):
+        scaled = arr.astype(np.float64) / 257.0
+    elif arr.dtype.kind == "f":
         arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         hi = float(arr.max()) if arr.size else 0.0
         lo = float(arr.min()) if arr.size else 0.0
@@ -175,7 +184,9 @@ def _high_depth_to_l(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
-def to_rgb(im: Image.Image, background: tuple[int, int, int]) -> tuple[Image.Image, str | None]:
+def to_rgb(
+    im: Image.Image, background: tuple[int, int, int], fmt: str | None = None
+) -> tuple[Image.Image, str | None]:
     """Any PIL mode -> RGB; returns (image, note or None when it was RGB already)."""
     mode = im.mode
     if mode == "RGB":
@@ -190,12 +201,25 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int]) -> tuple[Image.Ima
             canvas.paste(rgba, mask=rgba.getchannel("A"))
             return canvas, f"mode:{mode}->RGB(alpha over {background})"
         if mode.startswith("I") or mode == "F":
-            return _high_depth_to_l(im).convert("RGB"), f"mode:{mode}->RGB"
+            return _high_depth_to_l(im, fmt).convert("RGB"), f"mode:{mode}->RGB"
         return im.convert("RGB"), f"mode:{mode}->RGB"
     except (ValueError, OSError) as err:
         raise RecordError(
             Reason.IMAGE_MODE_UNSUPPORTED, f"cannot map mode {mode} to RGB: {err}"
         ) from err
+
+
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _message(err: BaseException) -> str:
+    """An exception's text without object reprs (they carry memory addresses, which would
+    make errors/ rows differ between runs over the same input)."""
+    return _ADDRESS.sub("<data>", str(err)) or type(err).__name__
+
+
+def _pil_error(reason: Reason, err: BaseException) -> RecordError:
+    return RecordError(reason, _message(err), type(err).__name__)
 
 
 def _classify_load_error(err: BaseException) -> Reason:
@@ -223,11 +247,11 @@ def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
         try:
             im = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise RecordError(Reason.IMAGE_TOO_LARGE, str(err), type(err).__name__) from err
+            raise _pil_error(Reason.IMAGE_TOO_LARGE, err) from err
         except UnidentifiedImageError as err:
-            raise RecordError(Reason.IMAGE_UNDECODABLE, str(err), type(err).__name__) from err
+            raise _pil_error(Reason.IMAGE_UNDECODABLE, err) from err
         except Exception as err:  # PIL plugins raise many types on a broken header
-            raise RecordError(Reason.IMAGE_UNDECODABLE, str(err), type(err).__name__) from err
+            raise _pil_error(Reason.IMAGE_UNDECODABLE, err) from err
         fmt = im.format or "unknown"
         width, height = im.size
         if width < 1 or height < 1:
@@ -243,9 +267,9 @@ def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
                 notes.append(f"first_frame_of:{getattr(im, 'n_frames', '?')}")
             im.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise RecordError(Reason.IMAGE_TOO_LARGE, str(err), type(err).__name__) from err
+            raise _pil_error(Reason.IMAGE_TOO_LARGE, err) from err
         except Exception as err:  # truncated / corrupt pixel data: many exception types
-            raise RecordError(_classify_load_error(err), str(err), type(err).__name__) from err
+            raise _pil_error(_classify_load_error(err), err) from err
     original_mode = im.mode
     try:
         orientation = int(im.getexif().get(0x0112, 1) or 1)
@@ -261,7 +285,7 @@ def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
             notes.append(f"exif_orientation:{orientation}")
         except Exception as err:
             notes.append(f"exif_unreadable:{type(err).__name__}")
-    rgb, mode_note = to_rgb(im, tuple(cfg.alpha_background))
+    rgb, mode_note = to_rgb(im, tuple(cfg.alpha_background), fmt)
     if mode_note:
         notes.append(mode_note)
     width, height = rgb.size
@@ -345,7 +369,7 @@ def read_image_file(full: str, max_bytes: int) -> bytes:
         with FileSystems.open(full, compression_type="uncompressed") as fh:
             data = fh.read(max_bytes + 1)
     except FileNotFoundError as err:
-        raise RecordError(Reason.PATH_MISSING, str(err), type(err).__name__) from err
+        raise _pil_error(Reason.PATH_MISSING, err) from err
     except (OSError, ValueError) as err:
         reason = Reason.PATH_UNREADABLE
         if _scheme(full) and not FileSystems.exists(full):
@@ -417,7 +441,7 @@ class DecodeFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(
                 ERRORS_TAG,
                 error_row(
-                    record, Stage.DECODE, Reason.INTERNAL_ERROR, type(err).__name__, str(err)
+                    record, Stage.DECODE, Reason.INTERNAL_ERROR, type(err).__name__, _message(err)
                 ),
             )
             return

@@ -23,10 +23,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import posixpath
+import re
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -229,11 +229,23 @@ def _read_parquet_schema(path: str) -> pa.Schema | None:
         return None  # an unreadable shard; the reader reports it per shard
 
 
+def text_lines(fh: Any) -> Iterator[str]:
+    """Lines of a binary file-like, newline kept, undecodable bytes as surrogates.
+
+    Works on anything with ``readline`` (Beam's compressed-file wrappers for ``.gz``
+    are not io.BufferedIOBase, so io.TextIOWrapper cannot sit on them).
+    """
+    while True:
+        line = fh.readline()
+        if not line:
+            return
+        yield line.decode("utf-8", errors="surrogateescape")
+
+
 def _csv_header(path: str, cfg: ReadConfig) -> list[str] | None:
     try:
         with FileSystems.open(path) as fh:
-            text = io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")
-            return next(csv.reader(text, delimiter=csv_delimiter(path, cfg)), None)
+            return next(csv.reader(text_lines(fh), delimiter=csv_delimiter(path, cfg)), None)
     except (OSError, csv.Error, UnicodeError, EOFError, zlib.error):
         return None
 
@@ -416,9 +428,15 @@ def _pylist(column: pa.ChunkedArray | pa.Array, raw: bool = False) -> list:
         return [None if v is None else v.decode("utf-8", "backslashreplace") for v in values]
 
 
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
 def _error(reason: Reason, err: BaseException | str, error_class: str | None = None):
+    """(reason, error class, message); reprs with memory addresses are cut from messages so
+    that errors/ rows are the same on every run."""
     if isinstance(err, BaseException):
-        return (reason.value, type(err).__name__, str(err)[:2000] or repr(err))
+        message = _ADDRESS.sub("<data>", str(err))[:2000] or type(err).__name__
+        return (reason.value, type(err).__name__, message)
     return (reason.value, error_class or "ReadError", err)
 
 
@@ -668,8 +686,7 @@ class ReadCsvFn(_ReadFn):
             yield self._shard_error(path, Reason.SHARD_UNREADABLE, err)
             return
         with fh:
-            text = io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")
-            reader = csv.reader(text, delimiter=csv_delimiter(path, plan.config))
+            reader = csv.reader(text_lines(fh), delimiter=csv_delimiter(path, plan.config))
             try:
                 header = next(reader, None)
             except (csv.Error, OSError, EOFError, zlib.error) as err:
@@ -740,6 +757,19 @@ class ReadCsvFn(_ReadFn):
         )
 
 
+def _unread_tail(tar: tarfile.TarFile) -> str | None:
+    """What follows the point where tarfile stopped, if it is not end-of-archive padding."""
+    try:
+        while True:
+            chunk = tar.fileobj.read(1 << 16)
+            if not chunk:
+                return None
+            if chunk.strip(b"\0"):
+                return "non-zero data follows it"
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        return f"reading on failed: {type(err).__name__}"
+
+
 def _split_member(name: str) -> tuple[str, str]:
     """WebDataset convention: key = path up to the first dot of the basename, ext = the rest."""
     folder, base = posixpath.split(name)
@@ -769,6 +799,16 @@ class ReadTarFn(_ReadFn):
                 try:
                     member = next(members)
                 except StopIteration:
+                    # tarfile ends a stream quietly at a member header with a bad checksum;
+                    # anything but zero padding after that point is unread data.
+                    unread = _unread_tail(tar)
+                    if unread:
+                        if key is not None:
+                            yield self._sample(path, source, index, key, parts, problems)
+                            index += 1
+                        message = f"tar stream ends at an invalid member header; {unread}"
+                        yield self._shard_error(path, Reason.SHARD_TRUNCATED, message, index)
+                        return
                     break
                 except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
                     if key is not None:
