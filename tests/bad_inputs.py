@@ -414,6 +414,8 @@ _kind(
 _kind("tar_truncated", "a tar shard cut inside a member", readers={"webdataset"})
 _kind("tar_corrupt_header", "a tar member header with a bad checksum", readers={"webdataset"})
 _kind("metadata_invalid", "a WebDataset .json member that is not JSON", readers={"webdataset"})
+_kind("path_non_utf8", "a CSV image path with non-UTF-8 bytes", readers={"csv"})
+_kind("uid_non_utf8", "a CSV uid with non-UTF-8 bytes (kept, escaped)", readers={"csv"})
 _kind("csv_gzip", "a valid gzip-compressed CSV shard (.csv.gz)", readers={"csv"})
 _kind("csv_malformed_line", "a CSV line with too many fields", readers={"csv"})
 
@@ -865,12 +867,22 @@ def _build_csv(root: Path) -> Corpus:
     latin.mkdir(parents=True, exist_ok=True)
     (latin / "ok.png").write_bytes(png)
     caption = NON_UTF8.decode("utf-8", errors="surrogateescape")
-    lines = [["l1-0", "ok.png", "a red and blue square", "0.5"], ["l1-1", "ok.png", caption, "0.5"]]
+    (latin / "caf\u00e9.png").write_bytes(png)
+    latin_path = "caf\xe9.png".encode("latin-1").decode("utf-8", errors="surrogateescape")
+    latin_uid = "uid-\xe9".encode("latin-1").decode("utf-8", errors="surrogateescape")
+    lines = [
+        ["l1-0", "ok.png", "a red and blue square", "0.5"],
+        ["l1-1", "ok.png", caption, "0.5"],
+        ["l1-2", latin_path, "a red and blue square", "0.5"],
+        [latin_uid, "ok.png", "a red and blue square", "0.5"],
+    ]
     (latin / "latin1.csv").write_bytes(_csv_text(header, lines))
     corpus.patterns.append(str(latin / "*.csv"))
     corpus.cases += [
         Case("caption_non_utf8", "latin1.csv", 0, ok(), "l1-0", pattern=2),
         Case("caption_non_utf8", "latin1.csv", 1, err("caption_not_utf8"), "l1-1", pattern=2),
+        Case("path_non_utf8", "latin1.csv", 2, err("path_invalid"), pattern=2),
+        Case("uid_non_utf8", "latin1.csv", 3, ok(), pattern=2),
     ]
     return corpus
 
@@ -1071,6 +1083,9 @@ class BuildOutput:
     rows: dict[str, list[dict[str, Any]]]  # folder -> rows of all its part files
     stray: list[str]  # anything else under the prefix (temp dirs, partial files)
     metrics: dict[str, int] = field(default_factory=dict)  # Beam counters, when run in-process
+    placement: dict[tuple, str] = field(
+        default_factory=dict
+    )  # (folder, uid, source, index) -> file
 
     def landed(self) -> dict[tuple[str, int], list[tuple[str, str, dict[str, Any]]]]:
         out: dict[tuple[str, int], list] = {}
@@ -1089,6 +1104,7 @@ def read_build(output: str | os.PathLike) -> BuildOutput:
     files: dict[str, list[str]] = {}
     rows: dict[str, list[dict[str, Any]]] = {}
     stray: list[str] = []
+    placement: dict[tuple, str] = {}
     for entry in sorted(root.rglob("*")):
         rel = entry.relative_to(root).as_posix()
         if (
@@ -1107,10 +1123,13 @@ def read_build(output: str | os.PathLike) -> BuildOutput:
         is_part = name.startswith("part-") and name.endswith(".parquet") and "/" not in name
         if folder in (CURATED, REJECTED, ERRORS) and is_part and entry.is_file():
             files.setdefault(folder, []).append(name)
-            rows.setdefault(folder, []).extend(pq.read_table(entry).to_pylist())
+            part = pq.read_table(entry).to_pylist()
+            rows.setdefault(folder, []).extend(part)
+            for row in part:
+                placement[(folder, row["uid"], row["source"], row["source_index"])] = name
             continue
         stray.append(rel)
-    return BuildOutput(root, manifest, files, rows, stray)
+    return BuildOutput(root, manifest, files, rows, stray, placement=placement)
 
 
 def reference_build(

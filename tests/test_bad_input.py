@@ -28,36 +28,12 @@ from capgap.transforms.decode import DecodeConfig, decode_image  # noqa: E402
 from capgap.transforms.reasons import Reason, Stage, outcome_of  # noqa: E402
 from capgap.transforms.write import ERRORS_SCHEMA  # noqa: E402
 
-_TAR_BUG = (
-    "BUG transforms/read.py ReadTarFn.process: a tar member header with a bad checksum "
-    "mid-shard ends tarfile's stream iteration silently (tarfile.next() returns None on "
-    "InvalidHeaderError after offset 0), so every later sample of the shard is dropped "
-    "without an errors/ row; expected a shard_truncated row at the first unread index"
-)
-_GZ_BUG = (
-    "BUG transforms/read.py _csv_header and ReadCsvFn.process: io.TextIOWrapper over "
-    "Beam's CompressedFile raises AttributeError ('CompressedFile' object has no attribute "
-    "'writable') for every .csv.gz/.tsv.gz shard, so discover() crashes even on a valid "
-    "gzip CSV; expected the valid shard read and the broken one as shard_unreadable"
-)
-_SURROGATE_BUG = (
-    "BUG transforms/read.py ReadCsvFn: a caption cell with non-UTF-8 bytes is decoded with "
-    "surrogateescape and emitted as a str holding lone surrogates; Beam's coder cannot "
-    "encode it (UnicodeEncodeError: surrogates not allowed) and the whole pipeline crashes; "
-    "expected that row in errors/ as caption_not_utf8 (e.g. emit such cells as bytes) and "
-    "the shard's other rows curated"
-)
 #: (kind, reader) -> why the case is expected to fail until someone else's file is fixed.
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("tar_corrupt_header", "webdataset"): _TAR_BUG,
-    ("csv_gzip", "csv"): _GZ_BUG,
-    ("unreadable_shard", "csv"): _GZ_BUG,
-    ("caption_non_utf8", "csv"): _SURROGATE_BUG,
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 #: Readers on which the corpus crashes something (a driver or the pipeline).
-CRASHING_READERS = {"csv": f"{_GZ_BUG}; {_SURROGATE_BUG}"}
+CRASHING_READERS: dict[str, str] = {}
 #: Readers that silently lose rows (not every input row has an output row).
-LOSSY_READERS = {"webdataset": _TAR_BUG}
+LOSSY_READERS: dict[str, str] = {}
 
 
 def _case_params() -> list:
@@ -236,16 +212,8 @@ def test_valid_rows_are_not_substituted(decoded):
         assert pixels.std() > 0 or pair["uid"] in {"grayscale", "cmyk_jpeg", "animated_gif"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG transforms/decode.py _high_depth_to_l: a 16-bit image whose values all lie in "
-        "0..255 (a dark 16-bit PNG) is taken as 8-bit and not scaled by 1/257, so 16-bit "
-        "value 200 (0.3% of full scale) comes out as 8-bit 200 (78%); for I;16 modes the bit "
-        "depth is known and the scale should always be 65535"
-    ),
-)
 def test_dark_16bit_png_stays_dark():
+    """16-bit value 200 is 0.3% of full scale: it must come out near black, not as 8-bit 200."""
     data = bad_inputs._save(bad_inputs.Image.fromarray(np.full((32, 32), 200, np.uint16)), "PNG")
     image = decode_image(data, DecodeConfig())
     assert int(image.pixels.max()) <= 1, image.pixels.max()

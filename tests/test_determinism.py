@@ -33,8 +33,8 @@ from capgap.transforms.write import WriteParquet  # noqa: E402
 
 READER = "parquet"
 FLOAT_TOLERANCE = bad_inputs.FLOAT_TOLERANCE
-#: Columns whose text is allowed to differ until the message bug is fixed (see below).
-VOLATILE = {"message"}
+#: Columns allowed to differ between runs (none: error messages carry no reprs either).
+VOLATILE: frozenset[str] = frozenset()
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,8 @@ def _check_same_build(a: bad_inputs.BuildOutput, b: bad_inputs.BuildOutput) -> N
     assert a.manifest["bank"] == b.manifest["bank"]
     for folder in ("curated", "rejected", "errors"):
         assert a.files.get(folder) == b.files.get(folder), folder
+    moved = {k: (v, b.placement.get(k)) for k, v in a.placement.items() if b.placement.get(k) != v}
+    assert not moved, f"rows in a different shard: {moved}"
     assert not a.stray and not b.stray
 
 
@@ -97,31 +99,13 @@ def test_same_decisions_exactly(reference, multi_processing):
         }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG transforms/decode.py decode_image: the message of an undecodable image is "
-        "str(UnidentifiedImageError), which embeds the BytesIO's memory address "
-        "('cannot identify image file <_io.BytesIO object at 0x7f...>'), so errors/ rows "
-        "differ between two runs over the same input; the message should not carry reprs"
-    ),
-)
 def test_error_messages_are_deterministic():
+    """No object reprs (memory addresses) in messages: errors/ rows must repeat exactly."""
     with pytest.raises(RecordError) as info:
         decode_image(bad_inputs.random_bytes(), DecodeConfig())
     assert " at 0x" not in info.value.message, info.value.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG transforms/write.py WriteParquet: with num_shards > 0 it relies on "
-        "beam.io.WriteToParquet, whose _RoundRobinKeyFn starts each bundle at "
-        "random.randrange(num_shards), so which part file a row lands in changes from run "
-        "to run (content is the same, shard assignment is not); assign shards from a hash "
-        "of the uid instead"
-    ),
-)
 def test_shard_assignment_is_deterministic(tmp_path):
     """Six writes of the same rows in one pipeline must put every uid in the same shard."""
     schema = pa.schema([pa.field("uid", pa.string()), pa.field("reason", pa.string())])
@@ -144,15 +128,6 @@ def test_shard_assignment_is_deterministic(tmp_path):
     assert all(a == assignments[0] for a in assignments[1:])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG pipeline/curate.py parse: the pre-parser for --runner_preset is an argparse "
-        "parser with allow_abbrev=True, so Beam's own '--runner DirectRunner' (a prefix of "
-        "--runner_preset) is taken as '--runner_preset DirectRunner' and curate fails with "
-        "'config file not found: runners/DirectRunner'; use allow_abbrev=False"
-    ),
-)
 def test_beam_runner_flag_is_not_taken_for_a_preset(tmp_path):
     cfg, options = curate.parse(
         ["--input", str(tmp_path / "*.parquet"), "--runner", "DirectRunner"]
