@@ -38,10 +38,15 @@ DROP, RECAPTION = "drop", "recaption"
 
 @dataclass
 class Rule:
-    mode: Mode = "absolute"
+    # YAML reads a bare ``off`` as false; that is accepted as "off".
+    mode: Mode | bool = "absolute"
     value: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.mode is False:
+            self.mode = "off"
+        elif self.mode is True:
+            raise ValueError("a rule's mode must be off, absolute, quantile or top_fraction")
         if self.mode in ("quantile", "top_fraction") and not 0.0 <= self.value <= 1.0:
             raise ValueError(f"a {self.mode} rule needs a value in [0, 1], got {self.value}")
 
