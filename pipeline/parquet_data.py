@@ -32,12 +32,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 
 def expand_globs(patterns: str | Sequence[str]) -> list[Path]:
-    """Sorted, de-duplicated files matching comma-separated glob(s); fails if none match."""
+    """Sorted, de-duplicated files matching comma-separated glob(s) or folders; fails if none."""
     if isinstance(patterns, str):
         patterns = [p.strip() for p in patterns.split(",") if p.strip()]
     files: set[str] = set()
     for pattern in patterns:
-        matched = glob.glob(os.path.expanduser(pattern), recursive=True)
+        matched = []
+        for hit in glob.glob(os.path.expanduser(pattern), recursive=True):
+            # a folder stands for the Parquet shards inside it
+            matched += glob.glob(os.path.join(hit, "*.parquet")) if os.path.isdir(hit) else [hit]
         if not matched:
             raise FileNotFoundError(f"no Parquet files match {pattern!r}")
         files.update(matched)

@@ -114,6 +114,7 @@ def test_missing_column_fails_early(tmp_path, micro):
         ParquetPairs([tmp_path / "nocap.parquet"], *micro)
     with pytest.raises(FileNotFoundError):
         expand_globs(str(tmp_path / "none-*.parquet"))
+    assert expand_globs(str(tmp_path)) == [tmp_path / "nocap.parquet"]  # a folder = its shards
 
 
 def test_plan_units_cuts_row_groups(tmp_path):
