@@ -133,3 +133,9 @@ def test_beam_runner_flag_is_not_taken_for_a_preset(tmp_path):
         ["--input", str(tmp_path / "*.parquet"), "--runner", "DirectRunner"]
     )
     assert options.get_all_options()["runner"] == "DirectRunner"
+
+
+def test_policy_mode_off_from_the_command_line(tmp_path):
+    """``--set decide.drop.mode=off`` means the mode 'off' (YAML would read it as false)."""
+    cfg, _ = curate.parse(["--input", str(tmp_path / "*.parquet"), "--set", "decide.drop.mode=off"])
+    assert cfg.decide.drop.mode == "off"
