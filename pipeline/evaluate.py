@@ -20,9 +20,11 @@ In-process (demo, experiments): ``evaluate(run_dir, cfg) -> dict``.
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,18 +106,27 @@ class EmbeddedSplit:
 # --- embedding --------------------------------------------------------------------------------
 
 
+def expand_data(patterns: str) -> list[Path]:
+    """Sorted files matching comma-separated glob(s); fails naming a pattern that matches none."""
+    files: set[str] = set()
+    for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
+        matched = glob.glob(os.path.expanduser(pattern), recursive=True)
+        if not matched:
+            raise FileNotFoundError(f"no Parquet files match {pattern!r}")
+        files.update(matched)
+    return [Path(f) for f in sorted(files)]
+
+
 def read_pairs(
     data: str, cfg: EvalConfig
 ) -> tuple[list[bytes], list[str], list[str], dict[str, list[str]] | None]:
     """(image bytes, captions, uids, labels or None) of the first ``max_samples`` rows."""
-    from capgap.pipeline.parquet_data import expand_globs
-
     images: list[bytes] = []
     captions: list[str] = []
     uids: list[str] = []
     labels: dict[str, list[str]] | None = None
     limit = cfg.max_samples if cfg.max_samples is not None else math.inf
-    for path in expand_globs(data):
+    for path in expand_data(data):
         names = set(pq.read_schema(path).names)
         missing = {cfg.image_column, cfg.caption_column} - names
         if missing:
