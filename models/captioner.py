@@ -71,6 +71,7 @@ class CaptionerConfig:
     batch_size: int = 16
     dtype: str = "float32"  # auto | float32 | float16 | bfloat16
     device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto
+    torch_threads: int | None = None  # intra-op CPU threads per process (None: torch's default)
     trust_remote_code: bool = False
     # Never reach the hub (always true for local directories).
     local_files_only: bool = False
@@ -231,6 +232,8 @@ class HFCaptioner(Captioner):
         self.cfg = cfg
         self.batch_size = cfg.batch_size
         self.device = resolve_device(cfg.device)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
         local = Path(cfg.model).is_dir()
         if not local and cfg.model.startswith((".", "/", "~")):
             raise FileNotFoundError(f"captioner directory {cfg.model!r} does not exist")

@@ -221,6 +221,15 @@ def make_llava_dir(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on shared cores they only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --- fixtures ---------------------------------------------------------------------------------
 
 

@@ -39,6 +39,15 @@ def _helpers():
 H = _helpers()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on shared cores they only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ved_dir(tmp_path_factory) -> Path:
     return H.make_ved_dir(tmp_path_factory.mktemp("ved"))
