@@ -1,9 +1,9 @@
 """Zero-shot classifiers for the synthetic world's object and each attribute.
 
 A class is described by prompt templates: ``{}`` takes the class value, and a
-template that also holds ``{object}`` is expanded over every object of the
-world (``"a {} {object}"`` -> "a red circle", "a red square", ...), so that an
-attribute prompt can follow the captions' own grammar. Prompts keep the world's
+named field -- ``{object}`` or an attribute such as ``{colour}`` -- expands over
+that label's whole vocabulary (``"a {} {object}"`` -> "a red circle", "a red
+square", ...), so that a prompt can follow the captions' own grammar. Prompts keep the world's
 article "a" even before a vowel, as its captions do. The classifier weight of a
 class is the CLIP recipe (Radford et al. 2021; CLIP_benchmark's
 zero_shot_classifier): L2-normalise every prompt embedding, average them (first
@@ -16,6 +16,8 @@ prediction is the class of highest cosine with the image embedding.
 
 from __future__ import annotations
 
+import itertools
+import string
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -43,10 +45,20 @@ def task_classes() -> dict[str, tuple[str, ...]]:
 
 
 def expand_template(template: str, value: str) -> list[str]:
-    """The prompts of one template for one class value (several if it holds ``{object}``)."""
-    if "{object}" in template:
-        return [template.format(value, object=obj) for obj in world.OBJECTS]
-    return [template.format(value)]
+    """The prompts of one template for one class value.
+
+    ``{}`` is the value; each named field (``{object}``, ``{colour}``, ``{size}``,
+    ``{position}``, ``{background}``, ``{texture}``) expands over that label's whole
+    vocabulary, several fields as their cartesian product, in a fixed order.
+    """
+    names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    vocab = task_classes()
+    unknown = [n for n in names if n not in vocab]
+    if unknown:
+        raise ValueError(f"template {template!r}: unknown field {{{unknown[0]}}}")
+    fields = list(dict.fromkeys(names))
+    combos = itertools.product(*(vocab[n] for n in fields))
+    return [template.format(value, **dict(zip(fields, combo, strict=True))) for combo in combos]
 
 
 @torch.no_grad()

@@ -10,9 +10,10 @@ import pytest
 import torch
 import yaml
 
-from capgap.models import metrics
+from capgap.models import metrics, zero_shot
 from capgap.models.clip_factory import create_clip, save_checkpoint
 from capgap.pipeline import evaluate as ev
+from capgap.pipeline import world
 from capgap.pipeline.config import ConfigError, load_config
 from capgap.pipeline.synth import SynthConfig
 from capgap.pipeline.synth import run as synth_run
@@ -148,3 +149,45 @@ def test_missing_caption_column_fails(split_dir, tmp_path):
     pq.write_table(table, tmp_path / "nocap.parquet")
     with pytest.raises(ValueError, match="caption"):
         ev.read_pairs(str(tmp_path / "nocap.parquet"), ev.EvalConfig())
+
+
+# --- zero-shot prompts and classifiers (capgap.models.zero_shot) -----------------------------
+
+
+def test_expand_template_fields():
+    assert zero_shot.expand_template("a {}", "circle") == ["a circle"]
+    prompts = zero_shot.expand_template("a {} {object}", "red")
+    assert prompts[:2] == ["a red circle", "a red square"] and len(prompts) == 8
+    assert len(zero_shot.expand_template("a {size} {colour} {}", "star")) == 3 * 8
+    with pytest.raises(ValueError, match="unknown field"):
+        zero_shot.expand_template("a {shape} {}", "red")
+
+
+def test_classifier_weights_average_per_template_then_over_templates():
+    words = ["red", "blue", *world.OBJECTS]
+
+    def encode(prompts):  # bag of known words, one axis each
+        return np.array([[float(w in p.split()) for w in words] for p in prompts])
+
+    w = zero_shot.classifier_weights(encode, ["red", "blue"], ["a {}", "a {} {object}"])
+    # template 1 gives e_red; template 2 averages (e_red + e_obj)/sqrt2 over 8 objects and
+    # renormalises: (e_red + sum_obj e_obj / 8) / sqrt(1.125). Their mean, renormalised:
+    ratio = w[0, 0] / w[0, 2]  # red axis over one object axis
+    assert ratio == pytest.approx(8 * np.sqrt(1.125) + 8)
+    assert np.allclose(np.linalg.norm(w, axis=1), 1.0)
+    assert w[0, 1] == 0.0 and w[1, 0] == 0.0
+
+
+def test_zero_shot_accuracies_by_hand():
+    weights = {"colour": np.eye(8)[:8], "object": np.eye(8)}
+    img = np.eye(8)[[0, 1, 2, 2]]
+    labels = {
+        "colour": ["red", "green", "blue", "red"],
+        "object": ["circle", "square", "circle", "triangle"],
+    }
+    out = zero_shot.zero_shot_accuracies(img, labels, weights)
+    assert out["zs_acc_colour"] == pytest.approx(0.75)
+    assert out["zs_acc_object"] == pytest.approx(0.75)
+    assert out["zs_acc_attr_mean"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="not a colour"):
+        zero_shot.label_indices("colour", ["mauve"])
