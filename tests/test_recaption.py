@@ -254,3 +254,31 @@ def test_gate_scores_match_the_reference_clip(ved_dir, clip_run):
         )
     assert [s.new for s in scores] == pytest.approx((img * new).sum(-1).tolist(), abs=1e-5)
     assert [s.original for s in scores] == pytest.approx((img * old).sum(-1).tolist(), abs=1e-5)
+
+
+def test_failed_batches_keep_their_captions(ved_dir):
+    good, bad = _rows((0, 1))
+    bad = {**bad, "image": b"not an image"}
+    cfg = RecaptionConfig(captioner=CaptionerConfig(model=str(ved_dir)), max_batch_size=1)
+    with TestPipeline() as p:
+        out = p | beam.Create([good, bad]) | Recaption(cfg)
+        assert_that(
+            out
+            | beam.Map(
+                lambda r: (
+                    r["uid"],
+                    r["caption"],
+                    r["recaption_status"],
+                    (r["recaption_error"] or "").split(":")[0],
+                )
+            ),
+            equal_to(
+                [
+                    (good["uid"], H.CAPTIONS[0], "recaptioned", ""),
+                    (bad["uid"], bad["caption"], "kept_original_error", "UnidentifiedImageError"),
+                ]
+            ),
+        )
+    strict = RecaptionConfig(captioner=CaptionerConfig(model=str(ved_dir)), on_error="fail")
+    with pytest.raises(Exception, match="cannot identify image"), TestPipeline() as p:
+        _ = p | beam.Create([bad]) | Recaption(strict)

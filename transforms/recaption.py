@@ -15,7 +15,10 @@ Interface (what ``capgap curate`` wires in after its decide step):
     caption was kept, ``"original"`` otherwise;
   - ``recaption_status``: ``recaptioned`` | ``kept_original_empty`` (the model
     wrote nothing) | ``kept_original_gate`` (the quality gate found the new
-    caption less aligned with the image than the original);
+    caption less aligned with the image than the original) |
+    ``kept_original_error`` (the captioner or gate raised on the row's batch;
+    ``on_error: keep_original``, the default; ``fail`` stops the pipeline);
+  - ``recaption_error``: ``"<ExceptionType>: <message>"`` for that last case, else None;
   - ``gate_clip_score_new`` / ``gate_clip_score_original``: the reference
     CLIP's cosine of the image with each caption (None without the gate).
 
@@ -33,7 +36,7 @@ captions with probability p reads ``caption`` and ``original_caption``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
@@ -47,7 +50,13 @@ STATUS_COLUMN = "recaption_status"
 GATE_NEW_COLUMN = "gate_clip_score_new"
 GATE_ORIGINAL_COLUMN = "gate_clip_score_original"
 ORIGINAL_SOURCE = "original"
-STATUSES: tuple[str, ...] = ("recaptioned", "kept_original_empty", "kept_original_gate")
+ERROR_COLUMN = "recaption_error"
+STATUSES: tuple[str, ...] = (
+    "recaptioned",
+    "kept_original_empty",
+    "kept_original_gate",
+    "kept_original_error",
+)
 METRICS_NAMESPACE = "capgap_recaption"
 
 
@@ -78,10 +87,13 @@ class RecaptionConfig:
     max_batch_size: int | None = None  # default: captioner.batch_size
     max_batch_duration_secs: int | None = None
     share_model_across_processes: bool = False
+    # keep_original: a batch the captioner (or gate) fails on keeps its captions, status
+    # kept_original_error; fail: the exception stops the pipeline.
+    on_error: Literal["keep_original", "fail"] = "keep_original"
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
-        reserved = {ORIGINAL_COLUMN, SOURCE_COLUMN, STATUS_COLUMN, "uid", "image"}
+        reserved = {ORIGINAL_COLUMN, SOURCE_COLUMN, STATUS_COLUMN, ERROR_COLUMN, "uid", "image"}
         if self.output_column in reserved:
             raise ValueError(f"output_column may not be one of {sorted(reserved)}")
 
@@ -92,13 +104,17 @@ def finalize_row(
     source: str,
     cfg: RecaptionConfig,
     scores: Any | None = None,
+    error: str | None = None,
 ) -> dict:
-    """The output row for one input ``row`` given the model's caption and the gate's scores."""
+    """The output row for one input ``row`` given the model's caption and the gate's scores
+    (or the error that stopped either)."""
     original = row.get("caption") or ""
     out = dict(row)
     out[ORIGINAL_COLUMN] = original
     new_caption = (new_caption or "").strip()
-    if not new_caption:
+    if error is not None:
+        status = "kept_original_error"
+    elif not new_caption:
         status = "kept_original_empty"
     elif scores is not None and scores.new < scores.original - cfg.gate.margin:
         status = "kept_original_gate"
@@ -109,6 +125,7 @@ def finalize_row(
     out[STATUS_COLUMN] = status
     out[GATE_NEW_COLUMN] = None if scores is None else float(scores.new)
     out[GATE_ORIGINAL_COLUMN] = None if scores is None else float(scores.original)
+    out[ERROR_COLUMN] = error
     return out
 
 
@@ -121,8 +138,8 @@ class _Finalize(beam.DoFn):
         self._counters = {s: beam.metrics.Metrics.counter(METRICS_NAMESPACE, s) for s in STATUSES}
 
     def process(self, element):
-        _, (row, text, source, scores) = element
-        out = finalize_row(row, text, source, self.cfg, scores)
+        _, (row, text, source, scores, error) = element
+        out = finalize_row(row, text, source, self.cfg, scores, error)
         self._counters[out[STATUS_COLUMN]].inc()
         yield out
 
@@ -135,7 +152,34 @@ def _unpack_caption(element: tuple[str, PredictionResult]):
 def _unpack_gate(element: tuple[str, PredictionResult]):
     uid, result = element
     row, text, source = result.example
-    return uid, (row, text, source, result.inference)
+    return uid, (row, text, source, result.inference, None)
+
+
+def _describe(exception: Any) -> str:
+    """``"Type: message"`` from an exception or Beam's (type, repr, traceback) triple."""
+    if isinstance(exception, tuple) and exception and isinstance(exception[0], type):
+        name, text = exception[0].__name__, str(exception[1]) if len(exception) > 1 else ""
+    else:
+        name, text = type(exception).__name__, repr(exception)
+    return f"{name}: {text}"[:500]
+
+
+def _failed_batch(failed: tuple[list, Any]):
+    """Rows of a batch the captioner or gate raised on: keep their captions, say why."""
+    batch, exception = failed
+    error = _describe(exception)
+    for uid, item in batch:
+        row = item[0] if isinstance(item, tuple) else item
+        yield uid, (row, "", ORIGINAL_SOURCE, None, error)
+
+
+def _infer(pcoll, label: str, handler, on_error: str):
+    """RunInference on keyed elements; with keep_original, failed batches come back as rows."""
+    inference = RunInference(KeyedModelHandler(handler))
+    if on_error == "fail":
+        return pcoll | label >> inference, None
+    main, dlq = pcoll | label >> inference.with_exception_handling()
+    return main, dlq.failed_inferences | f"{label}Failed" >> beam.FlatMap(_failed_batch)
 
 
 class Recaption(beam.PTransform):
@@ -154,12 +198,10 @@ class Recaption(beam.PTransform):
             max_batch_duration_secs=cfg.max_batch_duration_secs,
             share_model_across_processes=cfg.share_model_across_processes,
         )
-        captioned = (
-            rows
-            | "KeyByUid" >> beam.Map(lambda row: (row["uid"], row))
-            | "Caption" >> RunInference(KeyedModelHandler(handler))
-            | "UnpackCaption" >> beam.Map(_unpack_caption)
-        )
+        keyed = rows | "KeyByUid" >> beam.Map(lambda row: (row["uid"], row))
+        results, failed = _infer(keyed, "Caption", handler, cfg.on_error)
+        captioned = results | "UnpackCaption" >> beam.Map(_unpack_caption)
+        failures = [] if failed is None else [failed]
         if cfg.gate.enabled:
             gate = CaptionGateModelHandler(
                 cfg.gate.clip_run,
@@ -167,11 +209,11 @@ class Recaption(beam.PTransform):
                 max_batch_size=cfg.gate.batch_size,
                 max_batch_duration_secs=cfg.max_batch_duration_secs,
             )
-            scored = (
-                captioned
-                | "Gate" >> RunInference(KeyedModelHandler(gate))
-                | "UnpackGate" >> beam.Map(_unpack_gate)
-            )
+            gated, gate_failed = _infer(captioned, "Gate", gate, cfg.on_error)
+            scored = gated | "UnpackGate" >> beam.Map(_unpack_gate)
+            failures += [] if gate_failed is None else [gate_failed]
         else:
-            scored = captioned | "NoGate" >> beam.Map(lambda kv: (kv[0], (*kv[1], None)))
+            scored = captioned | "NoGate" >> beam.Map(lambda kv: (kv[0], (*kv[1], None, None)))
+        if failures:
+            scored = (scored, *failures) | "WithFailures" >> beam.Flatten()
         return scored | "Finalize" >> beam.ParDo(_Finalize(cfg))
