@@ -11,7 +11,7 @@ training log -- and recomputes nothing expensive. It writes ``report.md`` and:
   (dashed) the post-hoc mean shift, for zero-shot (mean over tasks) and retrieval;
 - ``gap_dims.png``: per-dimension |mean_img - mean_txt| sorted, and the cumulative
   share of the squared gap ||Delta||^2 they carry;
-- ``training_curves.png``: every numeric series of ``metrics.jsonl`` against step.
+- ``training_curves.png``: the numeric series of ``metrics.jsonl`` (per-step rows) against step.
 
     capgap report runs/web runs/curated --out reports/web-vs-curated
     capgap report runs/a/eval.json runs/b/eval.json --set names=[original,curated]
@@ -258,13 +258,24 @@ def plot_gap_dims(runs: Sequence[Run], path: Path) -> Path | None:
 
 _X_KEYS = ("step", "samples", "epoch")
 _SKIP_KEYS = {"step", "samples", "epoch", "time", "elapsed", "wall_time", "timestamp"}
+_SKIP_KEYS |= {"seconds", "samples_per_s"}  # throughput, not training progress
+
+
+def step_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-step log rows (``kind == "step"``) when the log tags rows, else every row.
+
+    `capgap train` interleaves per-epoch summaries (``kind: epoch``) with step rows;
+    plotting both on one line would zigzag.
+    """
+    steps = [r for r in rows if r.get("kind") == "step"]
+    return steps or rows
 
 
 def curve_keys(runs: Sequence[Run]) -> list[str]:
     """Numeric series present in the training logs, in first-seen order."""
     keys: list[str] = []
     for run in runs:
-        for row in run.curves:
+        for row in step_rows(run.curves):
             for k, v in row.items():
                 numeric = isinstance(v, int | float) and not isinstance(v, bool)
                 if numeric and k not in _SKIP_KEYS and k not in keys:
@@ -282,7 +293,8 @@ def plot_training_curves(runs: Sequence[Run], path: Path, max_panels: int = 6) -
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
         for run in runs:
-            pts = [(r, r[key]) for r in run.curves if isinstance(r.get(key), int | float)]
+            rows = step_rows(run.curves)
+            pts = [(r, r[key]) for r in rows if isinstance(r.get(key), int | float)]
             if not pts:
                 continue
             x_key = next((k for k in _X_KEYS if all(k in r for r, _ in pts)), None)

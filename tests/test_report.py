@@ -40,7 +40,8 @@ def _fake_run(folder, gap: float, seed: int, with_embeddings: bool = True, with_
         result["embeddings"] = "embeddings.npz"
     (folder / "eval.json").write_text(json.dumps(result))
     if with_log:
-        rows = [{"step": i, "epoch": i // 10, "loss": 4.0 / (1 + i), "lr": 1e-3} for i in range(30)]
+        rows = [{"kind": "step", "step": i, "loss": 4.0 / (1 + i), "lr": 1e-3} for i in range(30)]
+        rows.append({"kind": "epoch", "step": 29, "loss": 0.5, "epoch_only": 1.0})
         (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return folder
 
@@ -61,6 +62,9 @@ def test_report_markdown_and_plots(tmp_path):
         assert f"]({name})" in md
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
     assert (out / "report_config.yaml").is_file()
+    # curves come from the per-step rows only; epoch summaries are not mixed in
+    runs = [report.load_run(a, "a")]
+    assert report.curve_keys(runs) == ["loss", "lr"]
 
 
 def test_report_without_embeddings_or_log(tmp_path, capsys):
