@@ -80,12 +80,13 @@ def _overfit(model, batches, steps: int = 80, lr: float = 1e-2) -> None:
     model.eval()
 
 
-def make_ved_dir(path: Path) -> Path:
+def make_ved_dir(path: Path, encoder: str = "vit") -> Path:
     """The embedded captioner architecture (tiny sizes), taught CAPTIONS, saved as HF."""
     torch.manual_seed(0)
     tok = tc.build_tokenizer()
     spec = tc.TinyCaptionerSpec(
-        patch_size=8, encoder_hidden=32, encoder_layers=1, encoder_heads=2, encoder_mlp=64,
+        encoder=encoder, patch_size=8 if encoder == "vit" else 4, swin_depths=[1, 1],
+        encoder_hidden=32, encoder_layers=1, encoder_heads=2, encoder_mlp=64,
         decoder_hidden=32, decoder_layers=1, decoder_heads=2, max_length=16,
     )  # fmt: skip
     model = tc.build_model(spec, tok)
@@ -287,6 +288,13 @@ def test_vision_encoder_decoder_through_hf_backend(ved_dir):
     order = [0, 1, 1, 0, 1]
     assert captioner.caption([images[i] for i in order]) == _expected(order)
     assert captioner.source == f"{ved_dir}@{fingerprint_dir(ved_dir)}"
+
+
+def test_swin_encoder_variant_through_hf_backend(tmp_path):
+    swin_dir = make_ved_dir(tmp_path / "swin", encoder="swin")
+    captioner = load_captioner(CaptionerConfig(model=str(swin_dir)))
+    assert type(captioner.model.encoder).__name__ == "SwinModel"
+    assert captioner.caption(two_images()[::-1]) == list(CAPTIONS[::-1])
 
 
 def test_embedded_dir_without_processor_config_loads_parts(ved_dir, tmp_path):
