@@ -27,10 +27,8 @@ from capgap.transforms.score import (
     SampleBank,
     ScoreConfig,
     ScorePairs,
-    certainty_margin,
-    certainty_rank,
+    batch_scores,
     make_bank,
-    normalised_entropy,
     pair_scores,
     uid_hash,
 )
@@ -50,24 +48,56 @@ def test_uid_hash_is_stable_and_salted():
     assert 0 <= uid_hash("x\udcff", "s") < 2**64  # survives odd text
 
 
+def _sims(s_self: float, bank_sims, tau: float, **cfg):
+    """pair_scores with cos(image, text) = s_self and cos(bank_j, text) = bank_sims[j]."""
+    text = np.array([1.0, 0.0])
+    image = np.array([s_self, 0.0])
+    bank = np.array([[v, 0.0] for v in bank_sims])
+    return pair_scores(image, text, bank, tau, ScoreConfig(**cfg))
+
+
 def test_certainty_rank_and_margin():
-    bank = np.array([0.1, 0.2, 0.3, 0.4])
-    assert certainty_rank(0.5, bank) == 1.0
-    assert certainty_rank(0.0, bank) == 0.0
-    assert certainty_rank(0.2, bank) == pytest.approx(0.375)  # beats 1, ties 1
-    assert certainty_margin(0.5, bank, 0.05, 1.0) == 1.0
-    assert certainty_margin(0.3, bank, 0.05, 1.0) == pytest.approx(math.exp(-0.1 / 0.05))
+    bank = [0.1, 0.2, 0.3, 0.4]
+    assert _sims(0.5, bank, 0.05, certainty="rank")["certainty"] == 1.0
+    assert _sims(0.0, bank, 0.05, certainty="rank")["certainty"] == 0.0
+    assert _sims(0.2, bank, 0.05, certainty="rank")["certainty"] == pytest.approx(0.375)
+    margin = {"certainty": "margin", "margin_quantile": 1.0}
+    assert _sims(0.5, bank, 0.05, **margin)["certainty"] == 1.0
+    assert _sims(0.3, bank, 0.05, **margin)["certainty"] == pytest.approx(math.exp(-0.1 / 0.05))
+    # nearest-rank quantile: 0.5 of four values is the second smallest
+    half = {"certainty": "margin", "margin_quantile": 0.5}
+    assert _sims(0.1, bank, 0.05, **half)["certainty"] == pytest.approx(math.exp(-0.1 / 0.05))
     # lower tau: a mismatched caption is punished harder
-    assert certainty_margin(0.3, bank, 0.01, 1.0) < certainty_margin(0.3, bank, 0.1, 1.0)
+    low = _sims(0.3, bank, 0.01, **margin)["certainty"]
+    assert low < _sims(0.3, bank, 0.1, **margin)["certainty"]
 
 
-def test_entropy_is_high_for_captions_that_fit_many_images():
-    flat = np.full(100, 0.3)
-    peaked = np.full(100, 0.0)
-    peaked[3] = 1.0
-    assert normalised_entropy(flat, 0.05) == pytest.approx(1.0)
-    assert normalised_entropy(peaked, 0.01) < 0.05
-    assert 0.0 <= normalised_entropy(np.linspace(-1, 1, 50), 0.07) <= 1.0
+def test_imbalance_is_high_for_captions_that_fit_many_images():
+    fits_all = [0.5] * 99
+    singles_out = [0.0] * 99
+    for kind in ("ambiguity", "entropy"):
+        vague = _sims(0.5, fits_all, 0.05, imbalance=kind)["imbalance"]
+        specific = _sims(0.9, singles_out, 0.01, imbalance=kind)["imbalance"]
+        assert vague > 0.95 and specific < 0.05, (kind, vague, specific)
+    # ambiguity: log(1 + #fitting at least as well) / log(1 + n)
+    some = [0.6] * 9 + [0.0] * 90
+    assert _sims(0.5, some, 0.05)["imbalance"] == pytest.approx(math.log(10) / math.log(100))
+
+
+def test_batch_scores_match_pair_scores_and_exclude_self():
+    rng = np.random.default_rng(3)
+    bank = np.stack([unit(rng.normal(size=8)) for _ in range(20)])
+    images = np.stack([bank[2], unit(rng.normal(size=8))])
+    texts = np.stack([unit(rng.normal(size=8)) for _ in range(2)])
+    for kind in ("rank", "margin"):
+        cfg = ScoreConfig(certainty=kind, imbalance="entropy" if kind == "rank" else "ambiguity")
+        batch = batch_scores(images, texts, bank, 0.07, cfg, exclude=[2, None])
+        for i, exclude in enumerate([2, None]):
+            one = pair_scores(images[i], texts[i], bank, 0.07, cfg, exclude=exclude)
+            for name, value in one.items():
+                assert batch[name][i] == pytest.approx(value)
+    alone = pair_scores(images[0], texts[0], bank[:1], 0.07, ScoreConfig(), exclude=0)
+    assert alone["certainty"] == 1.0 and alone["imbalance"] == 0.0  # an empty bank
 
 
 def test_pair_scores_on_a_toy_world():
@@ -78,7 +108,7 @@ def test_pair_scores_on_a_toy_world():
     specific = own
     vague = unit(images[:32].mean(axis=0))
     wrong = images[40]
-    cfg = ScoreConfig(certainty="rank")
+    cfg = ScoreConfig(certainty="rank", imbalance="entropy")
     s_spec = pair_scores(own, specific, images, 0.05, cfg, exclude=0)
     s_vague = pair_scores(own, vague, images, 0.05, cfg, exclude=0)
     s_wrong = pair_scores(own, wrong, images, 0.05, cfg, exclude=0)

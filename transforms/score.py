@@ -10,17 +10,19 @@ caption_i) over the bank (the pair itself excluded) and s_ii = cos(image_i, capt
 
 - ``clip_score`` = s_ii.
 - ``certainty`` (does the caption point at this image?), ``score.certainty``:
-  ``rank``: the fraction of bank images the own image beats for this caption
-  (ties count half); ``margin``: exp((s_ii - max_q s_j) / tau) capped at 1, the
-  odds of the own image against the caption's best bank images (the q-quantile
-  ``score.margin_quantile`` of s_j), so a terse but correct caption, which fits
-  many images about as well as its own, still scores near 1.
+  ``margin`` (default): exp((s_ii - q_i) / tau) capped at 1, the odds of the own
+  image against the caption's best bank images (q_i: the ``score.margin_quantile``
+  of the s_j), so a terse but correct caption, which fits many images about as
+  well as its own, still scores near 1 while a caption written for another image
+  scores near 0; ``rank``: the fraction of bank images the own image beats.
 - ``imbalance`` (how much of the image the caption leaves unsaid),
-  ``score.imbalance``: ``entropy``: normalised entropy of the softmax over
-  {s_ii} and the s_j, at temperature tau: a caption that fits many different
-  images says less than the image shows; one that singles out its own image
-  says about as much. (The own image must be in the softmax: without it a
-  specific caption of an image unlike any bank image looks as vague as a terse one.)
+  ``score.imbalance``: ``ambiguity`` (default): log(1 + #{j: s_j >= s_ii}) /
+  log(1 + N): the share of the bank's log-size the caption leaves unresolved (0:
+  it singles its image out; 1: every image fits it as well); ``entropy``: the
+  DESIGN.md sketch, normalised entropy of the softmax over {s_ii} and the s_j at
+  temperature tau (the own image must be in the softmax, else a specific caption
+  of an image unlike any bank image looks as vague as a terse one).
+  ``capgap check-scores`` compares them on ground truth (README).
 
 tau is the model's own temperature (1 / exp(logit_scale)) unless ``score.tau`` is set.
 ``capgap check-scores`` validates the choices against the synthetic ground truth.
@@ -29,8 +31,7 @@ tau is the model's own temperature (1 / exp(logit_scale)) unless ``score.tau`` i
 from __future__ import annotations
 
 import hashlib
-import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -53,7 +54,8 @@ class ScoreConfig:
     tau: float | None = None  # softmax temperature; None: the model's own
     certainty: Literal["rank", "margin"] = "margin"
     margin_quantile: float = 0.99  # 'margin': compare against this quantile of s_j
-    imbalance: Literal["entropy"] = "entropy"
+    imbalance: Literal["ambiguity", "entropy"] = "ambiguity"
+    batch_size: int = 256  # pairs scored together (one matrix product against the bank)
 
     def __post_init__(self) -> None:
         if self.bank_size < 2:
@@ -62,6 +64,8 @@ class ScoreConfig:
             raise ValueError("score.tau must be positive")
         if not 0.0 < self.margin_quantile <= 1.0:
             raise ValueError("score.margin_quantile must be in (0, 1]")
+        if self.batch_size < 1:
+            raise ValueError("score.batch_size must be >= 1")
 
 
 # --- the scores (pure numpy) -----------------------------------------------------------------
@@ -73,32 +77,70 @@ def uid_hash(uid: str, salt: str) -> int:
     return int.from_bytes(digest.digest(), "big")
 
 
-def certainty_rank(s_self: float, s_bank: np.ndarray) -> float:
-    """Fraction of bank images the own image beats for this caption (ties count half)."""
-    if s_bank.size == 0:
-        return 1.0
-    return float((np.sum(s_bank < s_self) + 0.5 * np.sum(s_bank == s_self)) / s_bank.size)
+def batch_scores(
+    images: np.ndarray,
+    texts: np.ndarray,
+    bank_images: np.ndarray,
+    tau: float,
+    cfg: ScoreConfig,
+    exclude: Sequence[int | None] | None = None,
+) -> dict[str, np.ndarray]:
+    """clip_score, certainty and imbalance of b pairs against the bank, vectorised.
 
+    ``exclude[i]`` is the bank index of pair i itself (it is left out of its own bank).
+    With s_ii = cos(image_i, text_i) and s_ij = cos(bank_image_j, text_i) over the n_i
+    remaining bank images:
 
-def certainty_margin(s_self: float, s_bank: np.ndarray, tau: float, quantile: float) -> float:
-    """exp((s_self - q-quantile of s_bank) / tau), capped at 1."""
-    if s_bank.size == 0:
-        return 1.0
-    top = float(np.quantile(s_bank, quantile)) if quantile < 1.0 else float(s_bank.max())
-    return float(math.exp(min(0.0, s_self - top) / tau))
-
-
-def normalised_entropy(s_bank: np.ndarray, tau: float) -> float:
-    """Entropy of softmax(s_bank / tau) divided by log(len(s_bank)), in [0, 1]."""
-    n = s_bank.size
-    if n < 2:
-        return 0.0
-    z = s_bank.astype(np.float64) / tau
-    z -= z.max()
-    p = np.exp(z)
-    p /= p.sum()
-    nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum() / math.log(n))
+    - rank certainty: (#{s_ij < s_ii} + #{s_ij = s_ii} / 2) / n_i;
+    - margin certainty: exp(min(0, s_ii - t_i) / tau), t_i the nearest-rank
+      ``margin_quantile`` of the s_ij;
+    - ambiguity imbalance: log(1 + #{s_ij >= s_ii}) / log(1 + n_i): how many other
+      images the caption fits at least as well as its own (0: it singles its image
+      out; 1: it fits every image as well), i.e. the fraction of the bank's
+      log-size the caption leaves unresolved;
+    - entropy imbalance: entropy of softmax({s_ii} + {s_ij} / tau) / log(1 + n_i).
+    """
+    images = np.asarray(images, dtype=np.float64)
+    texts = np.asarray(texts, dtype=np.float64)
+    bank = np.asarray(bank_images, dtype=np.float64)
+    b, n = len(images), len(bank)
+    s_self = np.einsum("ij,ij->i", images, texts)
+    sims = texts @ bank.T if n else np.zeros((b, 0))
+    valid = np.ones((b, n), dtype=bool)
+    for i, j in enumerate(exclude or []):
+        if j is not None:
+            valid[i, j] = False
+    n_eff = valid.sum(axis=1)
+    self_col = s_self[:, None]
+    below = np.sum((sims < self_col) & valid, axis=1)
+    ties = np.sum((sims == self_col) & valid, axis=1)
+    at_least = np.sum((sims >= self_col) & valid, axis=1)
+    safe_n = np.maximum(n_eff, 1)
+    if cfg.certainty == "rank":
+        certainty = np.where(n_eff > 0, (below + 0.5 * ties) / safe_n, 1.0)
+    else:
+        ordered = np.sort(np.where(valid, sims, np.inf), axis=1)  # excluded entries last
+        rank = np.clip(np.ceil(cfg.margin_quantile * n_eff).astype(np.int64) - 1, 0, None)
+        top = ordered[np.arange(b), np.minimum(rank, max(n - 1, 0))] if n else s_self
+        top = np.where(n_eff > 0, top, s_self)
+        certainty = np.exp(np.minimum(0.0, s_self - top) / tau)
+    log_n = np.log1p(n_eff)
+    if cfg.imbalance == "ambiguity":
+        imbalance = np.where(n_eff > 0, np.log1p(at_least) / np.where(log_n > 0, log_n, 1), 0.0)
+    else:
+        logits = np.concatenate([self_col, np.where(valid, sims, -np.inf)], axis=1) / tau
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            plogp = np.where(p > 0, p * np.log(p), 0.0)
+        entropy = -plogp.sum(axis=1)
+        imbalance = np.where(n_eff > 0, entropy / np.where(log_n > 0, log_n, 1), 0.0)
+    return {
+        "clip_score": s_self,
+        "certainty": np.clip(certainty, 0.0, 1.0),
+        "imbalance": np.clip(imbalance, 0.0, 1.0),
+    }
 
 
 def pair_scores(
@@ -109,22 +151,9 @@ def pair_scores(
     cfg: ScoreConfig,
     exclude: int | None = None,
 ) -> dict[str, float]:
-    """clip_score, certainty and imbalance of one pair against the bank's images."""
-    s_self = float(np.dot(image, text))
-    s_bank = bank_images @ text
-    if exclude is not None:
-        s_bank = np.delete(s_bank, exclude)
-    if cfg.certainty == "rank":
-        certainty = certainty_rank(s_self, s_bank)
-    else:
-        certainty = certainty_margin(s_self, s_bank, tau, cfg.margin_quantile)
-    return {
-        "clip_score": s_self,
-        "certainty": certainty,
-        # The own image competes too: a specific caption singles it out (low entropy) even
-        # when no bank image fits; a terse one spreads over every image it also fits.
-        "imbalance": normalised_entropy(np.append(s_bank, s_self), tau),
-    }
+    """:func:`batch_scores` of one pair, as plain floats."""
+    out = batch_scores(image[None, :], text[None, :], bank_images, tau, cfg, [exclude])
+    return {k: float(v[0]) for k, v in out.items()}
 
 
 # --- Beam transforms -------------------------------------------------------------------------
@@ -219,6 +248,8 @@ def make_bank(entries: list[tuple], tau: float | None = None) -> dict[str, Any]:
 
 
 class _ScoreFn(beam.DoFn):
+    """Batches of (uid, row) -> (uid, row with scores); one matrix product per batch."""
+
     def __init__(self, cfg: ScoreConfig) -> None:
         self.cfg = cfg
         self._bank_id = None
@@ -227,23 +258,24 @@ class _ScoreFn(beam.DoFn):
     def setup(self) -> None:
         self.scored = Metrics.counter("capgap", "scored")
 
-    def process(self, element, bank) -> Iterator[Any]:
-        uid, row = element
+    def process(self, batch, bank) -> Iterator[Any]:
         if self._bank_id != id(bank):
             self._bank_id = id(bank)
             self._index = {u: i for i, u in enumerate(bank["uids"])}
-        scores = pair_scores(
-            row["image_embedding"],
-            row["text_embedding"],
+        scores = batch_scores(
+            np.stack([row["image_embedding"] for _, row in batch]),
+            np.stack([row["text_embedding"] for _, row in batch]),
             bank["images"],
             bank["tau"],
             self.cfg,
-            exclude=self._index.get(uid),
+            exclude=[self._index.get(uid) for uid, _ in batch],
         )
-        out = {k: v for k, v in row.items() if k not in ("image_embedding", "text_embedding")}
-        out.update(scores)
-        self.scored.inc()
-        yield uid, out
+        for i, (uid, row) in enumerate(batch):
+            out = {k: v for k, v in row.items() if k not in ("image_embedding", "text_embedding")}
+            for name, values in scores.items():
+                out[name] = float(values[i])
+            yield uid, out
+        self.scored.inc(len(batch))
 
 
 class ScorePairs(beam.PTransform):
@@ -255,8 +287,11 @@ class ScorePairs(beam.PTransform):
         self.bank = bank
 
     def expand(self, rows):
-        return rows | "Score" >> beam.ParDo(
-            _ScoreFn(self.cfg), bank=beam.pvalue.AsSingleton(self.bank)
+        size = self.cfg.batch_size
+        return (
+            rows
+            | "Batch" >> beam.BatchElements(min_batch_size=min(size, 16), max_batch_size=size)
+            | "Score" >> beam.ParDo(_ScoreFn(self.cfg), bank=beam.pvalue.AsSingleton(self.bank))
         )
 
 

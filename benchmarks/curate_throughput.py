@@ -1,0 +1,220 @@
+"""Curate throughput and memory: the Beam pipeline against bare loops over the same model.
+
+One run, one model, one synthetic ``web`` split written to a temporary folder:
+
+- ``pipeline``: ``capgap curate`` end to end on Beam's DirectRunner (in_memory): read
+  Parquet, dedup, decode + validate, RunInference, bank + scores, decide, write
+  three Parquet outputs and the manifest. Two numbers: end to end (input rows /
+  wall time, Beam's fixed start-up of some 30 stages included) and steady state
+  (the marginal rate between a run on ``--n`` rows and one on ``--scale`` times
+  as many: extra rows / extra seconds, i.e. what a large build sees).
+- ``batched``: a bare loop over the same rows: decode PNG, preprocess, embed in
+  batches of ``--batch`` with the same model object (no validation, no scores, no
+  output). Target: pipeline >= 0.8x batched. The pipeline's RunInference gets
+  ``min_batch_size = max_batch_size = --batch``, so both see the same batches.
+- ``single``: the same loop one pair at a time. Target: pipeline >= 10x single.
+- memory: peak RSS of the pipeline in a fresh process on ``--n`` rows and on
+  ``--memory_factor`` times as many. Target: grows < 1.5x.
+
+Runs alternate (batched, pipeline, single, ...) so that load from other processes
+hits each alike; medians are reported. Prints one JSON line at the end.
+
+    python benchmarks/curate_throughput.py                       # micro CLIP, 2000 rows
+    python benchmarks/curate_throughput.py --model capgap-small-vit --n 1000 --reps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from capgap.models.clip_handler import ClipEmbedder, ClipModelConfig
+from capgap.pipeline import curate, synth
+
+
+def write_split(folder: Path, n: int, shards: int = 4) -> str:
+    """n synthetic web rows in ``shards`` Parquet files; returns the glob."""
+    folder.mkdir(parents=True, exist_ok=True)
+    split = synth.SplitConfig(n=n, k_weights=[0.2, 0.3, 0.25, 0.15, 0.1, 0.0], mismatch_rate=0.1)
+    for shard, (lo, hi) in enumerate(synth.shard_ranges(n, shards)):
+        rows = [synth.make_row(i, "web", split, 0, 32, 0.05) for i in range(lo, hi)]
+        pq.write_table(pa.Table.from_pylist(rows, schema=synth.SCHEMA), folder / f"{shard}.parquet")
+    return str(folder / "*.parquet")
+
+
+def load_rows(pattern: str) -> list[tuple[bytes, str]]:
+    rows = []
+    for path in sorted(Path(pattern).parent.glob("*.parquet")):
+        table = pq.read_table(path, columns=["image", "caption"]).to_pydict()
+        rows += list(zip(table["image"], table["caption"], strict=True))
+    return rows
+
+
+def bare_loop(embedder: ClipEmbedder, rows: list[tuple[bytes, str]], batch: int) -> float:
+    """Pairs/s of decode + preprocess + embed in batches of ``batch``."""
+    start = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        pixels = [np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")) for raw, _ in chunk]
+        embedder.embed(pixels, [caption for _, caption in chunk])
+    return len(rows) / (time.perf_counter() - start)
+
+
+def curate_argv(
+    pattern: str, output: Path, model: str, batch: int, threads: int, extra=()
+) -> list[str]:
+    return [
+        "--input",
+        pattern,
+        "--output",
+        str(output),
+        "--overwrite",
+        "--set",
+        f"model.name={model}",
+        "--set",
+        f"model.max_batch_size={batch}",
+        "--set",
+        f"model.min_batch_size={batch}",
+        "--set",
+        f"model.torch_threads={threads or 'null'}",
+        "--direct_running_mode=in_memory",
+        *extra,
+    ]
+
+
+def pipeline_seconds(pattern: str, output: Path, args: argparse.Namespace, n: int) -> float:
+    """Wall seconds of ``capgap curate`` end to end."""
+    start = time.perf_counter()
+    manifest = curate.run(curate_argv(pattern, output, args.model, args.batch, args.threads))
+    elapsed = time.perf_counter() - start
+    assert manifest["counts"]["rows_in"] == n, manifest["counts"]
+    return elapsed
+
+
+def child_memory(pattern: str, output: str, model: str, batch: int, threads: int) -> None:
+    """Run the pipeline once in this (fresh) process; print its peak RSS in MiB."""
+    curate.run(curate_argv(pattern, Path(output), model, batch, threads))
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mib": peak_kib / 1024.0}))
+
+
+def measure_memory(pattern: str, output: Path, model: str, batch: int, threads: int) -> float:
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child_memory",
+            pattern,
+            str(output),
+            "--model",
+            model,
+            "--batch",
+            str(batch),
+            "--threads",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="capgap-micro-vit")
+    parser.add_argument("--n", type=int, default=2000, help="rows for the throughput runs")
+    parser.add_argument("--single_n", type=int, default=300, help="rows for the 1-pair loop")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--scale", type=int, default=3, help="second pipeline run: n * scale")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; 0: default")
+    parser.add_argument("--memory_factor", type=int, default=10)
+    parser.add_argument("--memory_n", type=int, default=500, help="base rows for memory")
+    parser.add_argument("--skip_memory", action="store_true")
+    parser.add_argument("--child_memory", nargs=2, metavar=("PATTERN", "OUTPUT"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.child_memory:
+        child_memory(*args.child_memory, args.model, args.batch, args.threads)
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="capgap-curate-bench-") as tmp:
+        root = Path(tmp)
+        n_big = args.n * args.scale
+        big_pattern = write_split(root / "data_big", n_big)
+        pattern = write_split(root / "data", args.n)
+        rows = load_rows(big_pattern)
+        embedder = ClipEmbedder(ClipModelConfig(name=args.model, torch_threads=args.threads))
+        bare_loop(embedder, rows[: args.batch], args.batch)  # warm-up
+        pipeline_seconds(pattern, root / "warmup", args, args.n)  # imports, caches
+        keys = ("batched", "pipeline", "pipeline_steady", "single")
+        results: dict[str, list[float]] = {k: [] for k in keys}
+        for rep in range(args.reps):
+            results["batched"].append(bare_loop(embedder, rows, args.batch))
+            small = pipeline_seconds(pattern, root / f"small{rep}", args, args.n)
+            big = pipeline_seconds(big_pattern, root / f"big{rep}", args, n_big)
+            results["pipeline"].append(n_big / big)
+            results["pipeline_steady"].append((n_big - args.n) / max(big - small, 1e-9))
+            results["single"].append(bare_loop(embedder, rows[: args.single_n], 1))
+            print(
+                f"rep {rep}: "
+                + ", ".join(f"{k} {v[-1]:.0f} pairs/s" for k, v in results.items())
+                + f" (pipeline {args.n} rows {small:.1f} s, {n_big} rows {big:.1f} s)",
+                flush=True,
+            )
+        median = {k: statistics.median(v) for k, v in results.items()}
+        report = {
+            "model": args.model,
+            "rows": n_big,
+            "threads": args.threads,
+            "pairs_per_s": {k: round(v, 1) for k, v in median.items()},
+            "pipeline_vs_batched": round(median["pipeline"] / median["batched"], 3),
+            "steady_pipeline_vs_batched": round(median["pipeline_steady"] / median["batched"], 3),
+            "pipeline_vs_single": round(median["pipeline"] / median["single"], 2),
+        }
+        print(
+            f"pipeline / bare batched loop: end to end {report['pipeline_vs_batched']:.2f}x, "
+            f"steady state {report['steady_pipeline_vs_batched']:.2f}x (target >= 0.8)"
+        )
+        print(f"pipeline / one-pair loop:     {report['pipeline_vs_single']:.1f}x (target >= 10)")
+        if not args.skip_memory:
+            small = write_split(root / "mem_small", args.memory_n)
+            large = write_split(root / "mem_large", args.memory_n * args.memory_factor)
+            base = measure_memory(
+                small, root / "mem_out_small", args.model, args.batch, args.threads
+            )
+            big = measure_memory(
+                large, root / "mem_out_large", args.model, args.batch, args.threads
+            )
+            report["peak_rss_mib"] = {
+                str(args.memory_n): round(base, 1),
+                str(args.memory_n * args.memory_factor): round(big, 1),
+            }
+            report["memory_growth"] = round(big / base, 3)
+            print(
+                f"peak RSS {base:.0f} MiB -> {big:.0f} MiB with {args.memory_factor}x the input: "
+                f"{big / base:.2f}x (target < 1.5)"
+            )
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
