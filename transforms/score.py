@@ -56,6 +56,9 @@ class ScoreConfig:
     margin_quantile: float = 0.99  # 'margin': compare against this quantile of s_j
     imbalance: Literal["ambiguity", "entropy"] = "ambiguity"
     batch_size: int = 256  # pairs scored together (one matrix product against the bank)
+    # Similarities this close count as ties: different batchings through the model move
+    # embeddings by ~1e-7, which must not flip counts (e.g. a duplicate of a bank image).
+    tie_tolerance: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.bank_size < 2:
@@ -66,6 +69,8 @@ class ScoreConfig:
             raise ValueError("score.margin_quantile must be in (0, 1]")
         if self.batch_size < 1:
             raise ValueError("score.batch_size must be >= 1")
+        if self.tie_tolerance < 0:
+            raise ValueError("score.tie_tolerance must be >= 0")
 
 
 # --- the scores (pure numpy) -----------------------------------------------------------------
@@ -91,7 +96,8 @@ def batch_scores(
     With s_ii = cos(image_i, text_i) and s_ij = cos(bank_image_j, text_i) over the n_i
     remaining bank images:
 
-    - rank certainty: (#{s_ij < s_ii} + #{s_ij = s_ii} / 2) / n_i;
+    - rank certainty: (#{s_ij < s_ii} + #{s_ij = s_ii} / 2) / n_i (equality up to
+      ``tie_tolerance``, as in the count below);
     - margin certainty: exp(min(0, s_ii - t_i) / tau), t_i the nearest-rank
       ``margin_quantile`` of the s_ij;
     - ambiguity imbalance: log(1 + #{s_ij >= s_ii}) / log(1 + n_i): how many other
@@ -112,9 +118,10 @@ def batch_scores(
             valid[i, j] = False
     n_eff = valid.sum(axis=1)
     self_col = s_self[:, None]
-    below = np.sum((sims < self_col) & valid, axis=1)
-    ties = np.sum((sims == self_col) & valid, axis=1)
-    at_least = np.sum((sims >= self_col) & valid, axis=1)
+    eps = cfg.tie_tolerance
+    below = np.sum((sims < self_col - eps) & valid, axis=1)
+    ties = np.sum((np.abs(sims - self_col) <= eps) & valid, axis=1)
+    at_least = np.sum((sims >= self_col - eps) & valid, axis=1)
     safe_n = np.maximum(n_eff, 1)
     if cfg.certainty == "rank":
         certainty = np.where(n_eff > 0, (below + 0.5 * ties) / safe_n, 1.0)
