@@ -1,0 +1,24 @@
+"""The quick demo end to end: synth -> reference + captioner -> Beam curate -> students -> eval -> report."""
+
+from __future__ import annotations
+
+import json
+
+from capgap.pipeline import demo
+from capgap.pipeline.config import load_config
+
+
+def test_quick_demo_runs_end_to_end(tmp_path):
+    cfg = load_config(demo.DemoConfig, "demo_quick", [f"out_dir={tmp_path}"])
+    headline = demo.run_demo(cfg)
+    counts = headline["curate_counts"]
+    assert counts["rows_in"] == counts["curated"] + counts["rejected"] + counts["errors"]
+    assert counts["rows_in"] == cfg.synth.splits["web"].n
+    for arm in ("original", "curated"):
+        assert isinstance(headline[arm]["l2m"], float)
+        assert 0.0 <= headline[arm]["i2t_r@1"] <= 1.0
+    saved = json.loads((tmp_path / "headline.json").read_text())
+    assert saved["checks"] == headline["checks"]
+    assert (tmp_path / "report" / "report.md").is_file()
+    assert list((tmp_path / "report").glob("*.png"))
+    assert (tmp_path / "config.yaml").is_file()
