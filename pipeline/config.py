@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import importlib.resources
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -167,7 +168,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), yaml_scalar(raw) if raw.strip() else ""
+
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def yaml_scalar(text: str) -> Any:
+    """Read a command-line value as YAML, with ``1e-5`` as a number (YAML 1.1 wants ``1.0e-5``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+        return float(value)
+    return value
 
 
 def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -298,6 +310,6 @@ def _from_cli_text(value: Any, tp: Any, name: str) -> Any:
     if accepts_str:
         return value
     try:
-        return yaml.safe_load(value)
+        return yaml_scalar(value)
     except yaml.YAMLError as err:
         raise ConfigError(f"--{name}: cannot parse {value!r}") from err

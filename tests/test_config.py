@@ -91,3 +91,11 @@ def test_packaged_preset_resolves():
     assert resolve_config_path("synth").name == "synth.yaml"
     with pytest.raises(ConfigError, match="not found"):
         resolve_config_path("no-such-preset")
+
+
+def test_exponent_floats_from_the_command_line():
+    assert load_config(Outer, None, ["inner.lr=1e-5"]).inner.lr == 1e-5
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, Outer, default_config=None)
+    cfg = config_from_args(Outer, parser.parse_args(["--set", "inner.lr=2E-3"]))
+    assert cfg.inner.lr == 2e-3
