@@ -40,7 +40,7 @@ class TinyCaptionerSpec:
 
     encoder: str = "vit"
     image_size: int = 32
-    patch_size: int = 4
+    patch_size: int = 8
     encoder_hidden: int = 96
     encoder_layers: int = 3
     encoder_heads: int = 4

@@ -57,7 +57,7 @@ class TrainCaptionerConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
     epochs: int = field(default=20, metadata={"help": "passes over the training rows"})
     batch_size: int = field(default=64, metadata={"help": "training batch size"})
-    lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
+    lr: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
     max_rows: int | None = field(default=None, metadata={"help": "cap on training rows"})
