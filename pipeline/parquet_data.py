@@ -12,7 +12,7 @@ is already curated, so a bad row is a bug upstream, not something to skip.
 
     ds = ParquetPairs(expand_globs("data/synth/seed/*.parquet"), preprocess, tokenizer, seed=0)
     ds.set_epoch(epoch)
-    loader = DataLoader(ds, batch_size=256, num_workers=2, drop_last=True)
+    loader = DataLoader(ds, batch_size=256, num_workers=2, drop_last=True, collate_fn=ds.collate)
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def plan_units(files: Sequence[str | os.PathLike], rows_per_unit: int = 2048) ->
 
 
 class ParquetPairs(IterableDataset):
-    """(image tensor, token ids) pairs streamed from Parquet; see the module docstring."""
+    """(image tensor, caption) pairs streamed from Parquet; ``collate`` tokenises per batch."""
 
     def __init__(
         self,
@@ -158,8 +158,8 @@ class ParquetPairs(IterableDataset):
 
     def decode(
         self, uid: str, image_bytes: bytes | None, caption: str | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded, preprocessed image and token ids; raises ValueError naming the uid."""
+    ) -> tuple[torch.Tensor, str]:
+        """Decoded, preprocessed image and its caption; raises ValueError naming the uid."""
         if image_bytes is None or caption is None:
             raise ValueError(f"row {uid}: image or caption is null")
         try:
@@ -167,10 +167,20 @@ class ParquetPairs(IterableDataset):
                 image = self.transform(img.convert("RGB"))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise ValueError(f"row {uid}: cannot decode image: {err}") from err
-        tokens = self.tokenizer([caption])[0]
-        return image, tokens
+        return image, caption
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def collate(
+        self, batch: Sequence[tuple[torch.Tensor, str]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DataLoader ``collate_fn``: stacked images and the batch's captions tokenised at once.
+
+        One tokenizer call per batch instead of one per row (open_clip pads and packs in a
+        single pass), run in the worker like the decoding.
+        """
+        images, captions = zip(*batch, strict=True)
+        return torch.stack(images), self.tokenizer(list(captions))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(f"{self.seed}-{self.epoch}-{worker_id}")

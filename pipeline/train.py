@@ -290,6 +290,7 @@ def train(cfg: TrainConfig) -> Path:
             batch_size=cfg.batch_size,
             num_workers=cfg.num_workers,
             drop_last=True,
+            collate_fn=dataset.collate,
             pin_memory=device.type == "cuda",
         )
         sums: dict[str, torch.Tensor] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -132,3 +133,17 @@ def test_load_run_needs_finished_run(tmp_path):
     (tmp_path / "config.yaml").write_text("model: capgap-micro-vit\n")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_run(tmp_path)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 40), (20, 20)])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_preprocess_shortcut_matches_open_clip_transform(size, mode):
+    """The model-size shortcut gives exactly open_clip's eval transform, and others go through it."""
+    _, preprocess, _ = create_clip("capgap-micro-vit")
+    rng = np.random.default_rng(sum(size))
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    ours = preprocess(image.convert("RGB") if mode != "RGB" else image)
+    reference = preprocess.transform(image.convert("RGB"))
+    assert ours.shape == (3, 32, 32)
+    assert torch.equal(ours, reference)

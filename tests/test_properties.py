@@ -349,12 +349,10 @@ RULES = st.builds(
 @SETTINGS
 @given(SCORES, RULES, RULES, RULES, st.lists(SCORES, min_size=1, max_size=40))
 def test_decide_is_consistent(row, drop, drop_clip, recaption, population):
-    cfg = policy.DecideConfig(
-        drop=drop, drop_clip=drop_clip, recaption=recaption, histogram_bins=256
-    )
+    cfg = policy.DecideConfig(drop=drop, drop_clip=drop_clip, recaption=recaption)
     hists = None
     if cfg.needs_quantiles():
-        combine = policy.ScoreHistograms(cfg.histogram_bins)
+        combine = policy.ScoreHistograms()
         acc = combine.create_accumulator()
         for other in population:
             acc = combine.add_input(acc, other)
@@ -382,11 +380,9 @@ def test_decide_is_consistent(row, drop, drop_clip, recaption, population):
 @given(st.lists(UNIT, min_size=1, max_size=200), st.floats(0.0, 1.0))
 def test_quantile_drop_rule_drops_at_most_q(values, q):
     """drop at quantile q drops at most a fraction q of the rows it was computed on."""
-    cfg = policy.DecideConfig(
-        drop=policy.Rule("quantile", q), recaption=policy.Rule("off", 0.0), histogram_bins=1024
-    )
+    cfg = policy.DecideConfig(drop=policy.Rule("quantile", q), recaption=policy.Rule("off", 0.0))
     rows = [{"certainty": v, "imbalance": 0.0, "clip_score": 0.0} for v in values]
-    combine = policy.ScoreHistograms(cfg.histogram_bins)
+    combine = policy.ScoreHistograms()
     # Merge in two halves: the order of merging must not matter.
     halves = [combine.create_accumulator(), combine.create_accumulator()]
     for i, row in enumerate(rows):

@@ -18,9 +18,11 @@ from capgap.transforms.decide import (
     DecideConfig,
     Rule,
     ScoreHistograms,
+    bin_lower_edge,
     decide,
     histogram_quantile,
     resolve_thresholds,
+    score_bin,
 )
 from capgap.transforms.reasons import Reason
 from capgap.transforms.score import (
@@ -168,8 +170,8 @@ def test_bank_is_the_same_whatever_the_order():
 # --- decision policy -------------------------------------------------------------------------
 
 
-def _hists(values: dict[str, list[float]], bins: int = 1000):
-    combine = ScoreHistograms(bins)
+def _hists(values: dict[str, list[float]]):
+    combine = ScoreHistograms()
     acc = combine.create_accumulator()
     n = len(next(iter(values.values())))
     for i in range(n):
@@ -178,11 +180,36 @@ def _hists(values: dict[str, list[float]], bins: int = 1000):
 
 
 def test_histogram_quantile():
-    hist = np.zeros(100, dtype=np.int64)
-    hist[[10, 20, 30, 40]] = 1  # values 0.10 .. 0.40 on [0, 1)
-    assert histogram_quantile(hist, 0.5, 0.0, 1.0) == pytest.approx(0.30)  # 2 of 4 below
-    assert histogram_quantile(hist, 0.0, 0.0, 1.0) == pytest.approx(0.10)
-    assert histogram_quantile(np.zeros(10, np.int64), 0.5, 0.0, 1.0) == 0.0
+    values = [0.10, 0.20, 0.30, 0.40]
+    hist = _hists({name: values for name in ("certainty", "imbalance", "clip_score")})["certainty"]
+    assert histogram_quantile(hist, 0.5) == pytest.approx(0.30, rel=0.008)  # 2 of 4 below
+    assert sum(v < histogram_quantile(hist, 0.5) for v in values) == 2
+    assert histogram_quantile(hist, 0.0) == pytest.approx(0.10, rel=0.008)
+    assert histogram_quantile(hist, 1.0) == math.inf  # every row is below
+    assert histogram_quantile(np.zeros_like(hist), 0.5) == -math.inf  # nothing is below
+
+
+@pytest.mark.parametrize(
+    "value", [0.0, -0.0, 1e-45, 3.8e-8, 1.1e-6, 0.011, 0.1, 0.5, 1.0, -1e-50, -0.3, -1.0]
+)
+def test_score_bins_are_ordered_and_contain_their_value(value):
+    index = score_bin(value)
+    assert bin_lower_edge(index) <= value < bin_lower_edge(index + 1)
+    # Relative resolution: a bin is narrower than 1/128 of its values (away from subnormals).
+    if abs(value) > 1e-30:
+        width = bin_lower_edge(index + 1) - bin_lower_edge(index)
+        assert width <= abs(value) / 128 + 1e-300
+
+
+def test_quantile_of_scores_spread_over_many_decades():
+    """The demo's certainty spans 1e-9 .. 1; equal-width bins put its 12% quantile at 0."""
+    values = 10 ** np.random.default_rng(0).uniform(-9, 0, 5000)
+    hist = _hists(
+        {name: list(values) for name in ("certainty", "imbalance")} | {"clip_score": [0.0] * 5000}
+    )
+    threshold = histogram_quantile(hist["certainty"], 0.12)
+    assert threshold == pytest.approx(np.quantile(values, 0.12), rel=0.01)
+    assert int((values < threshold).sum()) == 600
 
 
 def test_threshold_modes_and_decisions():

@@ -65,7 +65,9 @@ def test_shuffle_is_seeded_and_changes_with_epoch(seed_split, micro):
 
 def test_batches_per_epoch_matches_loader(seed_split, micro):
     ds = ParquetPairs(expand_globs(seed_split), *micro, rows_per_unit=10)
-    loader = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=2, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=7, num_workers=2, drop_last=True, collate_fn=ds.collate
+    )
     batches = list(loader)
     assert len(batches) == ds.batches_per_epoch(7, 2)
     images, texts = batches[0]
@@ -247,3 +249,12 @@ def test_bad_config_is_rejected():
         train.main(["--set", "optim.nope=1"])
     with pytest.raises(ValueError):
         TrainConfig(epochs=0)
+
+
+def test_collate_tokenises_the_batch_like_row_by_row(seed_split, micro):
+    ds = ParquetPairs(expand_globs(seed_split), *micro, shuffle=False)
+    rows = [pair for pair, _ in zip(ds, range(5), strict=False)]
+    images, tokens = ds.collate(rows)
+    assert images.shape == (5, 3, 32, 32)
+    expected = torch.stack([micro[1]([caption])[0] for _, caption in rows])
+    assert torch.equal(tokens, expected)
