@@ -16,10 +16,15 @@ from capgap.models.clip_factory import create_clip, load_run, load_state_dict, s
 
 @pytest.mark.parametrize(
     ("name", "image_size", "context", "embed"),
-    [("capgap-micro-vit", 32, 20, 64), ("capgap-small-vit", 64, 32, 128)],
+    [
+        ("capgap-micro-vit", 32, 20, 64),
+        ("capgap-micro-rn", 32, 20, 64),
+        ("capgap-small-vit", 64, 32, 128),
+    ],
 )
 def test_our_configs_build_and_encode(name, image_size, context, embed):
     model, preprocess, tokenizer = create_clip(name)
+    model.eval()  # the ResNet tower's BatchNorm needs more than one value per channel to train
     image = preprocess(Image.new("RGB", (image_size, image_size), (200, 10, 10)))
     assert image.shape == (3, image_size, image_size)
     tokens = tokenizer(["a red circle", "a large blue square on a grey background"])

@@ -14,6 +14,13 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     counts = headline["curate_counts"]
     assert counts["rows_in"] == counts["curated"] + counts["rejected"] + counts["errors"]
     assert counts["rows_in"] == cfg.synth.splits["web"].n
+    # The quantile drop rule removes its share (12% of 600) of the lowest-certainty rows.
+    assert 0 < counts["by_reason"]["rejected"]["low_certainty"] <= 0.12 * counts["rows_in"]
+    # The reference went through its curriculum, each stage starting from the previous one.
+    stage1 = tmp_path / "reference-stage1-objects"
+    stage2 = tmp_path / "reference-stage2-alttext"
+    assert str(stage1 / "model.safetensors") in (stage2 / "config.yaml").read_text()
+    assert str(stage2 / "model.safetensors") in (tmp_path / "reference" / "config.yaml").read_text()
     for arm in ("original", "curated"):
         assert isinstance(headline[arm]["l2m"], float)
         assert 0.0 <= headline[arm]["i2t_r@1"] <= 1.0
