@@ -2,9 +2,8 @@
 
 1. ``synth``: write the ``seed`` (dense), ``web`` (terse, 10% mismatched) and
    ``test`` (dense, labelled) splits;
-2. train the reference CLIP and the dense captioner on ``seed`` (the reference
-   optionally first pretrains on an object-level ``pretrain`` split, as a real
-   reference CLIP was pretrained on web alt-text before anyone scores with it);
+2. train the reference CLIP (on ``seed``, or through a curriculum of clean splits:
+   see ``reference_pretrain``) and the dense captioner on ``seed``;
 3. ``curate`` the ``web`` split through Beam (DirectRunner): score certainty and
    imbalance, drop mismatched pairs, recaption terse ones, write shards;
 4. train the same student CLIP on the original ``web`` split and on the curated
@@ -74,7 +73,9 @@ class DemoConfig:
     runner_mode: str = field(default="in_memory", metadata={"help": "DirectRunner mode for curate"})
     synth: synth.SynthConfig = field(default_factory=synth.SynthConfig)
     reference: TrainConfig = field(default_factory=TrainConfig)
-    # Stages the reference trains through before ``reference`` fine-tunes it on ``seed``.
+    # The split the reference's last stage (``reference``) trains on.
+    reference_split: str = "seed"
+    # Stages the reference trains through before ``reference`` fine-tunes it.
     # Dense captions alone let a contrastive model match pairs by colour, size, position,
     # background and texture and never learn the object (zero-shot object accuracy stays
     # at chance), which leaves a terse mismatched caption ("a star" on a circle) undetectable.
@@ -110,7 +111,7 @@ def make_data(cfg: DemoConfig) -> dict[str, str]:
 
 
 def train_reference(cfg: DemoConfig, data: dict[str, str]) -> Path:
-    """The scoring CLIP: each ``reference_pretrain`` stage, then ``reference`` on ``seed``.
+    """The scoring CLIP: each ``reference_pretrain`` stage, then ``reference``.
 
     Every stage starts from the previous stage's weights (a curriculum, as a real reference
     CLIP was pretrained on web alt-text long before anyone scores with it).
@@ -132,8 +133,17 @@ def train_reference(cfg: DemoConfig, data: dict[str, str]) -> Path:
             resume=False,
         )
         weights = str(train(run) / "model.safetensors")
-    run = replace(cfg.reference, data=data["seed"], out_dir=str(Path(cfg.out_dir) / "reference"))
-    return train(replace(run, pretrained=weights, overwrite=True, resume=False))
+    if cfg.reference_split not in data:
+        raise ConfigError(f"reference_split {cfg.reference_split!r} not in {sorted(data)}")
+    run = replace(
+        cfg.reference,
+        data=data[cfg.reference_split],
+        out_dir=str(Path(cfg.out_dir) / "reference"),
+        pretrained=weights,
+        overwrite=True,
+        resume=False,
+    )
+    return train(run)
 
 
 def train_dense_captioner(cfg: DemoConfig, data: dict[str, str]) -> Path:
@@ -238,7 +248,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     data = make_data(cfg)
     timer.mark("synth: seed / web / test splits")
     reference = train_reference(cfg, data)
-    timer.mark("train reference CLIP on seed")
+    timer.mark("train reference CLIP")
     captioner = train_dense_captioner(cfg, data)
     timer.mark("train dense captioner on seed")
     manifest = curate_split(cfg, data["web"], reference, captioner)

@@ -17,10 +17,9 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     # The quantile drop rule removes its share (12% of 600) of the lowest-certainty rows.
     assert 0 < counts["by_reason"]["rejected"]["low_certainty"] <= 0.12 * counts["rows_in"]
     # The reference went through its curriculum, each stage starting from the previous one.
-    stage1 = tmp_path / "reference-stage1-objects"
-    stage2 = tmp_path / "reference-stage2-alttext"
-    assert str(stage1 / "model.safetensors") in (stage2 / "config.yaml").read_text()
-    assert str(stage2 / "model.safetensors") in (tmp_path / "reference" / "config.yaml").read_text()
+    stage1 = tmp_path / "reference-stage1-objects" / "model.safetensors"
+    reference_config = (tmp_path / "reference" / "config.yaml").read_text()
+    assert str(stage1) in reference_config and "alttext" in reference_config
     for arm in ("original", "curated"):
         assert isinstance(headline[arm]["l2m"], float)
         assert 0.0 <= headline[arm]["i2t_r@1"] <= 1.0
