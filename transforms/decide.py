@@ -22,7 +22,6 @@ rule never drops or recaptions more than its share of rows.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -120,17 +119,17 @@ def bin_lower_edge(index: int) -> float:
 def histogram_quantile(hist: np.ndarray, q: float) -> float:
     """The lower edge of the bin holding the q-quantile (rows below it: at most q of all).
 
-    For q past the last row the threshold is +inf (every row is below it); for an empty
-    histogram, -inf (nothing is below it).
+    Always finite (the manifest stores it as JSON): for q = 1 the edge just above the largest
+    value, so every row is below it; for an empty histogram 0.0, which no row is below.
     """
     total = int(hist.sum())
     if total == 0:
-        return -math.inf
+        return 0.0
     cum = np.cumsum(hist)
     # Bins [0, index) hold at most q of the rows; the threshold is bin index's lower edge.
     index = int(np.searchsorted(cum, q * total, side="right"))
     if index >= len(hist):
-        return math.inf
+        index = int(np.flatnonzero(hist)[-1]) + 1
     return bin_lower_edge(index)
 
 
