@@ -80,6 +80,14 @@ def _overfit(model, batches, steps: int = 80, lr: float = 1e-2) -> None:
     model.eval()
 
 
+TINY_TIMM_ARGS = {
+    "depths": [1, 1],
+    "embed_dims": [8, 16],
+    "downsamples": [False, True],
+    "num_vit": 1,
+}
+
+
 def make_ved_dir(path: Path, encoder: str = "vit") -> Path:
     """The embedded captioner architecture (tiny sizes), taught CAPTIONS, saved as HF."""
     torch.manual_seed(0)
@@ -88,9 +96,10 @@ def make_ved_dir(path: Path, encoder: str = "vit") -> Path:
         encoder=encoder, patch_size=8 if encoder == "vit" else 4, swin_depths=[1, 1],
         encoder_hidden=32, encoder_layers=1, encoder_heads=2, encoder_mlp=64,
         decoder_hidden=32, decoder_layers=1, decoder_heads=2, max_length=16,
+        image_size=56 if encoder == "timm" else 32, timm_args=TINY_TIMM_ARGS,
     )  # fmt: skip
     model = tc.build_model(spec, tok)
-    image_processor = tc.build_image_processor(32)
+    image_processor = tc.build_image_processor(spec.image_size)
     pixels = image_processor(two_images(), return_tensors="pt")["pixel_values"]
     ids = [tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id] for c in CAPTIONS]
     labels = torch.tensor(ids)
@@ -294,6 +303,17 @@ def test_swin_encoder_variant_through_hf_backend(tmp_path):
     swin_dir = make_ved_dir(tmp_path / "swin", encoder="swin")
     captioner = load_captioner(CaptionerConfig(model=str(swin_dir)))
     assert type(captioner.model.encoder).__name__ == "SwinModel"
+    assert captioner.caption(two_images()[::-1]) == list(CAPTIONS[::-1])
+
+
+def test_timm_encoder_variant_through_hf_backend(tmp_path):
+    """The default encoder: a timm EfficientFormer inside transformers' TimmWrapperModel."""
+    timm_dir = make_ved_dir(tmp_path / "timm", encoder="timm")
+    config = json.loads((timm_dir / "config.json").read_text())
+    assert config["encoder"]["architecture"] == "efficientformer_l1"
+    assert config["encoder"]["hidden_size"] == 16
+    captioner = load_captioner(CaptionerConfig(model=str(timm_dir)))
+    assert type(captioner.model.encoder).__name__ == "TimmWrapperModel"
     assert captioner.caption(two_images()[::-1]) == list(CAPTIONS[::-1])
 
 
