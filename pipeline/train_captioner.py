@@ -1,7 +1,7 @@
 """``capgap train-captioner``: train the embedded dense captioner on the ``seed`` split.
 
 Reads Parquet shards with ``image`` (encoded bytes) and ``caption`` columns,
-trains the tiny ViT -> GPT-2 ``VisionEncoderDecoderModel`` of
+trains the small encoder -> GPT-2 ``VisionEncoderDecoderModel`` of
 ``capgap.models.tiny_captioner`` to write each image's caption, and saves model,
 tokenizer and image processor in Hugging Face format (``save_pretrained``), so
 ``capgap curate`` loads it like any other HF captioner. With ``eval_data`` (a
