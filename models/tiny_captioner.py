@@ -86,7 +86,7 @@ class TinyCaptionerSpec:
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        if self.image_size % self.patch_size:
+        if self.encoder != "timm" and self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
         if self.encoder_hidden % self.encoder_heads or self.decoder_hidden % self.decoder_heads:
             raise ValueError("hidden sizes must be multiples of the head counts")

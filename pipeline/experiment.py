@@ -46,7 +46,7 @@ WEB_K_WEIGHTS = [0.2, 0.3, 0.25, 0.15, 0.1, 0.0]
 def _default_train() -> TrainConfig:
     # The micro ResNet, not the micro ViT: trained on object-only captions (k = 0) the ViT never
     # learns the object (zero-shot 0.19, chance 0.125), so k = 0 would measure an untrained
-    # model; the ResNet reaches 0.59-0.67 there at this budget (README, Results).
+    # model; the ResNet reaches 0.59-0.80 there at this budget (README, Results).
     return TrainConfig(
         model="capgap-micro-rn",
         lr=3e-3,
