@@ -9,7 +9,12 @@ checkpoints every epoch. Runs alternate (bare, capgap, bare, capgap, ...) so tha
 load from other processes hits both alike; the first epoch of every run is
 excluded as warm-up. Prints samples/s for each and the ratio (target >= 0.9).
 
+``--cache_images`` turns on ``data_opts.cache_images`` (decode in the training
+process once, then train from memory, as the bare loop does); without it every
+epoch streams and decodes Parquet again, the cost a dataset too large for RAM pays.
+
     python benchmarks/train_throughput.py                      # micro CLIP, 2048 pairs
+    python benchmarks/train_throughput.py --num_workers 0 --threads 2 --cache_images
     python benchmarks/train_throughput.py --n 4096 --epochs 4 --reps 3 --num_workers 1 --threads 1
 """
 
@@ -30,7 +35,7 @@ from PIL import Image
 
 from capgap.models.clip_factory import create_clip
 from capgap.pipeline import synth
-from capgap.pipeline.train import TrainConfig, train
+from capgap.pipeline.train import DataConfig, TrainConfig, train
 
 
 def load_tensors(files: list[Path], preprocess, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +74,14 @@ def bare_open_clip(
 
 
 def capgap_train(
-    model_name: str, data: str, out: Path, batch_size: int, epochs: int, lr: float, num_workers: int
+    model_name: str,
+    data: str,
+    out: Path,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    num_workers: int,
+    cache_images: bool = False,
 ) -> list[float]:
     """Samples/s per epoch of ``capgap train`` (read from its metrics.jsonl)."""
     cfg = TrainConfig(
@@ -83,6 +95,7 @@ def capgap_train(
         progress=False,
         overwrite=True,
         log_every=10**6,
+        data_opts=DataConfig(cache_images=cache_images),
     )
     train(cfg)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -100,6 +113,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="alternating runs of each")
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads, 0 = default")
+    parser.add_argument(
+        "--cache_images", action="store_true", help="data_opts.cache_images (num_workers 0)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,7 +138,14 @@ def main() -> None:
         for rep in range(args.reps):
             b = bare_open_clip(args.model, images, texts, args.batch_size, args.epochs, 1e-3)[1:]
             c = capgap_train(
-                args.model, data, tmp / "run", args.batch_size, args.epochs, 1e-3, args.num_workers
+                args.model,
+                data,
+                tmp / "run",
+                args.batch_size,
+                args.epochs,
+                1e-3,
+                args.num_workers,
+                args.cache_images,
             )[1:]
             print(
                 f"rep {rep}: bare open_clip {[round(r) for r in b]} samples/s, "
@@ -133,7 +156,7 @@ def main() -> None:
     b, c = statistics.median(bare), statistics.median(ours)
     print(
         f"{args.model}, batch {args.batch_size}, {args.n} pairs, {torch.get_num_threads()} threads, "
-        f"num_workers {args.num_workers}"
+        f"num_workers {args.num_workers}, cache_images {args.cache_images}"
     )
     print(f"bare open_clip loop: {b:.0f} samples/s (median of {len(bare)} epochs)")
     print(f"capgap train:        {c:.0f} samples/s (median of {len(ours)} epochs)")

@@ -203,6 +203,39 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_opaque_mapping(tp: Any) -> bool:
+    """``dict`` / ``dict[str, Any]`` fields (constructor kwargs): replaced, never merged."""
+    tp = _strip_optional(tp)
+    return tp is dict or (get_origin(tp) is dict and get_args(tp)[1:] == (Any,))
+
+
+def _strip_optional(tp: Any) -> Any:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        if len(options) == 1:
+            return options[0]
+    return tp
+
+
+def merge_sections(cls: Any, base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``merge`` that follows the dataclass ``cls``: a YAML section updates the defaults of a
+    nested config key by key, but a free-form mapping (``timm_args: {...}``, kwargs for a
+    constructor) replaces its default whole: merging kwargs meant for another class breaks it.
+    """
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    out = dict(base)
+    for key, value in update.items():
+        tp = _strip_optional(hints.get(key, Any))
+        mergeable = isinstance(value, dict) and isinstance(out.get(key), dict)
+        if not mergeable or _is_opaque_mapping(tp):
+            out[key] = value
+        elif dataclasses.is_dataclass(tp):
+            out[key] = merge_sections(tp, out[key], value)
+        else:
+            out[key] = merge(out[key], value)
+    return out
+
+
 def load_config(
     cls: type[T],
     path: str | os.PathLike | None = None,
@@ -220,7 +253,7 @@ def load_config(
         data = read_yaml(resolve_config_path(path))
         if section is not None:
             data = data.get(section, {}) or {}
-    data = merge(to_dict(cls()), data) if _has_all_defaults(cls) else data
+    data = merge_sections(cls, to_dict(cls()), data) if _has_all_defaults(cls) else data
     for text in overrides:
         key_path, value = parse_override(text)
         _set_path(data, key_path, value)

@@ -3,7 +3,8 @@
 1. ``synth``: write the ``seed`` (dense), ``web`` (terse, 10% mismatched) and
    ``test`` (dense, labelled) splits;
 2. train the reference CLIP (on ``seed``, or through a curriculum of clean splits:
-   see ``reference_pretrain``) and the dense captioner on ``seed``;
+   see ``reference_pretrain``) and the dense captioner on ``seed``, side by side
+   (``parallel`` processes, one torch thread each: the independent steps fill 2 cores);
 3. ``curate`` the ``web`` split through Beam (DirectRunner): score certainty and
    imbalance, drop mismatched pairs, recaption terse ones, write shards;
 4. train the same student CLIP on the original ``web`` split and on the curated
@@ -41,6 +42,7 @@ from capgap.pipeline.config import (
     save_resolved,
 )
 from capgap.pipeline.evaluate import EvalConfig, evaluate
+from capgap.pipeline.jobs import run_side_by_side
 from capgap.pipeline.report import ReportConfig, make_report
 from capgap.pipeline.train import TrainConfig, train
 from capgap.pipeline.train_captioner import TrainCaptionerConfig, train_captioner
@@ -70,6 +72,13 @@ class ReferenceStage:
 class DemoConfig:
     out_dir: str = field(default="demo_out", metadata={"help": "everything lands here"})
     quick: bool = field(default=False, metadata={"help": "use the small demo_quick preset"})
+    parallel: int = field(
+        default=2,
+        metadata={
+            "help": "processes for independent steps (reference + captioner, the two "
+            "students, the two evals); 1 = one after another"
+        },
+    )
     runner_mode: str = field(default="in_memory", metadata={"help": "DirectRunner mode for curate"})
     synth: synth.SynthConfig = field(default_factory=synth.SynthConfig)
     reference: TrainConfig = field(default_factory=TrainConfig)
@@ -94,6 +103,7 @@ class Timer:
     _start: float = field(default_factory=time.perf_counter)
 
     def mark(self, name: str) -> None:
+        """Record the time since the previous mark under ``name``."""
         now = time.perf_counter()
         self.steps[name] = round(now - self._start, 2)
         print(f"== {name} done in {self.steps[name]:.1f}s", flush=True)
@@ -216,6 +226,13 @@ def evaluate_run(cfg: DemoConfig, run_dir: Path, test_glob: str) -> dict[str, An
     return evaluate(run_dir, replace(cfg.eval, data=test_glob, out=str(run_dir / "eval.json")))
 
 
+def train_and_evaluate_student(
+    cfg: DemoConfig, data: str, name: str, budget_pairs: int, seed: int, test_glob: str
+) -> dict[str, Any]:
+    """``train_student`` then ``evaluate_run`` (one job of the curation experiment)."""
+    return evaluate_run(cfg, train_student(cfg, data, name, budget_pairs, seed), test_glob)
+
+
 def headline_table(original: dict[str, Any], curated: dict[str, Any]) -> tuple[str, dict]:
     """Markdown table original vs curated, and the checks the demo promises."""
     lines = ["| metric | original web | curated web | change |", "|---|---|---|---|"]
@@ -247,22 +264,31 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     data = make_data(cfg)
     timer.mark("synth: seed / web / test splits")
-    reference = train_reference(cfg, data)
-    timer.mark("train reference CLIP")
-    captioner = train_dense_captioner(cfg, data)
-    timer.mark("train dense captioner on seed")
+    reference, captioner = run_side_by_side(
+        [(train_reference, (cfg, data)), (train_dense_captioner, (cfg, data))], cfg.parallel
+    )
+    timer.mark("train reference CLIP and dense captioner on seed")
     manifest = curate_split(cfg, data["web"], reference, captioner)
     timer.mark("curate web (Beam: score, drop, recaption, write)")
 
     curated_glob = str(out / "curated" / "curated" / "*.parquet")
     budget = cfg.student.epochs * sum(pq.read_metadata(p).num_rows for p in _glob(data["web"]))
-    student_original = train_student(cfg, data["web"], "student-original", budget)
-    timer.mark("train student on original web")
-    student_curated = train_student(cfg, curated_glob, "student-curated", budget)
-    timer.mark("train student on curated web")
+    student_original, student_curated = run_side_by_side(
+        [
+            (train_student, (cfg, data["web"], "student-original", budget)),
+            (train_student, (cfg, curated_glob, "student-curated", budget)),
+        ],
+        cfg.parallel,
+    )
+    timer.mark("train students on original and curated web")
 
-    original = evaluate_run(cfg, student_original, data["test"])
-    curated = evaluate_run(cfg, student_curated, data["test"])
+    original, curated = run_side_by_side(
+        [
+            (evaluate_run, (cfg, student_original, data["test"])),
+            (evaluate_run, (cfg, student_curated, data["test"])),
+        ],
+        cfg.parallel,
+    )
     timer.mark("evaluate both on test")
     report = make_report(
         [student_original, student_curated],
@@ -303,8 +329,9 @@ def curation_arms(exp_cfg: Any) -> dict[str, Any]:
     cfg = load_config(DemoConfig, "demo")
     cfg.out_dir = str(Path(exp_cfg.out_dir) / "curation")
     data = make_data(cfg)
-    reference = train_reference(cfg, data)
-    captioner = train_dense_captioner(cfg, data)
+    reference, captioner = run_side_by_side(
+        [(train_reference, (cfg, data)), (train_dense_captioner, (cfg, data))], cfg.parallel
+    )
     curate_split(cfg, data["web"], reference, None, "filtered")
     curate_split(cfg, data["web"], reference, captioner, "recaptioned", drop=False)
     curate_split(cfg, data["web"], reference, captioner, "both")
@@ -313,17 +340,25 @@ def curation_arms(exp_cfg: Any) -> dict[str, Any]:
         arms[label] = str(Path(cfg.out_dir) / label / "curated" / "*.parquet")
     budget = cfg.student.epochs * sum(pq.read_metadata(p).num_rows for p in _glob(data["web"]))
     keys = ["l2m", "rmg", "linear_separability", "i2t_r@1", "t2i_r@1", "zs_acc_attr_mean"]
+    runs = [(label, glob, seed) for label, glob in arms.items() for seed in exp_cfg.seeds]
+    jobs = [
+        (
+            train_and_evaluate_student,
+            (cfg, glob, f"students/{label}-s{seed}", budget, seed, data["test"]),
+        )
+        for label, glob, seed in runs
+    ]
+    values = {label: i for i, label in enumerate(arms)}
     rows = []
-    for i, (label, glob) in enumerate(arms.items()):
-        for seed in exp_cfg.seeds:
-            run_dir = train_student(cfg, glob, f"students/{label}-s{seed}", budget, seed)
-            result = evaluate_run(cfg, run_dir, data["test"])
-            rows.append(
-                {"arm": label, "value": i, "seed": seed, **{k: result.get(k) for k in keys}}
-            )
-            print(
-                f"[curation] {label} seed={seed}: l2m={result['l2m']:.3f} i2t_r@1={result['i2t_r@1']:.3f}"
-            )
+    for (label, _, seed), result in zip(
+        runs, run_side_by_side(jobs, exp_cfg.parallel), strict=True
+    ):
+        rows.append(
+            {"arm": label, "value": values[label], "seed": seed, **{k: result.get(k) for k in keys}}
+        )
+        print(
+            f"[curation] {label} seed={seed}: l2m={result['l2m']:.3f} i2t_r@1={result['i2t_r@1']:.3f}"
+        )
     table = arm_means(rows, keys)
     summary = {e["arm"]: {k: e[k] for k in keys} for e in table}
 

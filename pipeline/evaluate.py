@@ -73,6 +73,9 @@ class EvalConfig:
         default=5000, metadata={"help": "evaluate the first N pairs (pairwise metrics are O(N^2))"}
     )
     seed: int = field(default=0, metadata={"help": "seed for separability split and noise"})
+    threads: int = field(
+        default=0, metadata={"help": "torch CPU threads; 0 = torch's default (use 1 on busy CPUs)"}
+    )
     image_column: str = "image"
     caption_column: str = "caption"
     recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
@@ -344,6 +347,10 @@ def evaluate(run_dir: str | Path, cfg: EvalConfig | None = None) -> dict[str, An
     from capgap.models.clip_factory import load_run
 
     cfg = cfg or EvalConfig()
+    if cfg.threads < 0:
+        raise ValueError("threads must be >= 0")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir)
     model, preprocess, tokenizer = load_run(run_dir, device=cfg.device)
     out, split = evaluate_model(model, preprocess, tokenizer, cfg)

@@ -38,7 +38,8 @@ from capgap.pipeline.config import (
     to_dict,
 )
 from capgap.pipeline.evaluate import EvalConfig, evaluate
-from capgap.pipeline.train import TrainConfig, train
+from capgap.pipeline.jobs import run_side_by_side
+from capgap.pipeline.train import DataConfig, TrainConfig, train
 
 WEB_K_WEIGHTS = [0.2, 0.3, 0.25, 0.15, 0.1, 0.0]
 
@@ -55,18 +56,22 @@ def _default_train() -> TrainConfig:
         threads=1,
         progress=False,
         overwrite=True,
-        num_workers=1,
+        num_workers=0,  # decode in the run's own process: runs go two at a time
+        data_opts=DataConfig(cache_images=True),
     )
 
 
 def _default_eval() -> EvalConfig:
-    return EvalConfig(progress=False, max_samples=1000)
+    return EvalConfig(progress=False, max_samples=1000, threads=1)
 
 
 @dataclass
 class ExperimentConfig:
     out_dir: str = field(default="runs/experiments", metadata={"help": "experiments folder"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    parallel: int = field(
+        default=2, metadata={"help": "runs trained side by side (each with train.threads)"}
+    )
     n_train: int = field(default=4000, metadata={"help": "training pairs per run"})
     n_test: int = field(default=1000, metadata={"help": "held-out dense pairs"})
     test_seed: int = field(default=10_000, metadata={"help": "world seed of the test split"})
@@ -126,20 +131,26 @@ def train_and_evaluate(
 def run_arms(
     cfg: ExperimentConfig, name: str, arms: Sequence[Arm], keys: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Every arm x seed; returns one flat row per run with the requested metric keys."""
-    rows = []
+    """Every arm x seed; returns one flat row per run with the requested metric keys.
+
+    Runs go ``cfg.parallel`` at a time (spawned processes), in arm x seed order.
+    """
     root = Path(cfg.out_dir) / name
+    test_split(cfg)  # written once here, not raced for by the parallel runs
+    jobs, labels = [], []
     for arm in arms:
         for seed in cfg.seeds:
             data_dir = root / "data" / f"{arm.label}-s{seed}"
             data = ensure_split(data_dir, seed, "train", replace(arm.split, n=cfg.n_train))
-            result = train_and_evaluate(
-                cfg, root / "runs" / f"{arm.label}-s{seed}", data, seed, arm.train_overrides
-            )
-            row = {"arm": arm.label, "value": arm.value, "seed": seed}
-            row.update({key: result.get(key) for key in keys})
-            rows.append(row)
-            print(f"[{name}] {arm.label} seed={seed}: " + _fmt(row, keys))
+            run_dir = root / "runs" / f"{arm.label}-s{seed}"
+            jobs.append((train_and_evaluate, (cfg, run_dir, data, seed, arm.train_overrides)))
+            labels.append((arm, seed))
+    rows = []
+    for (arm, seed), result in zip(labels, run_side_by_side(jobs, cfg.parallel), strict=True):
+        row = {"arm": arm.label, "value": arm.value, "seed": seed}
+        row.update({key: result.get(key) for key in keys})
+        rows.append(row)
+        print(f"[{name}] {arm.label} seed={seed}: " + _fmt(row, keys))
     return rows
 
 

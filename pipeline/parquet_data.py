@@ -9,6 +9,10 @@ caption column exists (``original_caption`` after recaptioning), each row uses t
 dense caption with probability ``dense_prob`` (0.8, as Recap-DataComp-1B) and the
 original otherwise. A row that fails to decode raises with its uid: training data
 is already curated, so a bad row is a bug upstream, not something to skip.
+With ``cache_images`` the preprocessed image tensors are kept in memory after
+their first epoch (the transform is deterministic, so later epochs get the same
+values without decoding again); for data that fits in RAM, read in the training
+process (``num_workers=0``: worker processes are rebuilt every epoch).
 
     ds = ParquetPairs(expand_globs("data/synth/seed/*.parquet"), preprocess, tokenizer, seed=0)
     ds.set_epoch(epoch)
@@ -45,6 +49,10 @@ def expand_globs(patterns: str | Sequence[str]) -> list[Path]:
             raise FileNotFoundError(f"no Parquet files match {pattern!r}")
         files.update(matched)
     return [Path(f) for f in sorted(files)]
+
+
+# (shard, row group, row in group), uid, image bytes, caption
+Row = tuple[tuple[str, int, int], str, bytes | None, str | None]
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class ParquetPairs(IterableDataset):
         seed: int = 0,
         rows_per_unit: int = 2048,
         uid_column: str = "uid",
+        cache_images: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= dense_prob <= 1.0:
@@ -99,6 +108,9 @@ class ParquetPairs(IterableDataset):
         self.dense_prob = dense_prob
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, max(1, shuffle_buffer), seed
         self.uid_column = uid_column
+        self.cache_images = cache_images
+        # (shard, row group, row) -> preprocessed image; filled on first use
+        self._image_cache: dict[tuple[str, int, int], torch.Tensor] = {}
         self.units = plan_units(self.files, rows_per_unit)
         self.num_rows = sum(u.stop - u.start for u in self.units)
         self.epoch = 0
@@ -136,8 +148,8 @@ class ParquetPairs(IterableDataset):
             return sum(r // batch_size for r in rows)
         return sum(-(-r // batch_size) for r in rows)
 
-    def _rows(self, units: list[Unit], rng: random.Random) -> Iterator[tuple[str, bytes, str]]:
-        """(uid, image bytes, chosen caption) for every row of ``units``, in order."""
+    def _rows(self, units: list[Unit], rng: random.Random) -> Iterator[Row]:
+        """(row key, uid, image bytes, chosen caption) for every row of ``units``, in order."""
         cached_key, table, mix = None, None, False
         for unit in units:
             if cached_key != (unit.path, unit.row_group):
@@ -154,19 +166,29 @@ class ParquetPairs(IterableDataset):
                 caption = part[self.caption_column][i]
                 if originals is not None and originals[i] and rng.random() >= self.dense_prob:
                     caption = originals[i]
-                yield uid, part[self.image_column][i], caption
+                key = (unit.path, unit.row_group, unit.start + i)
+                yield key, uid, part[self.image_column][i], caption
 
     def decode(
-        self, uid: str, image_bytes: bytes | None, caption: str | None
+        self,
+        key: tuple[str, int, int] | None,
+        uid: str,
+        image_bytes: bytes | None,
+        caption: str | None,
     ) -> tuple[torch.Tensor, str]:
         """Decoded, preprocessed image and its caption; raises ValueError naming the uid."""
         if image_bytes is None or caption is None:
             raise ValueError(f"row {uid}: image or caption is null")
+        cached = self._image_cache.get(key) if self.cache_images else None
+        if cached is not None:
+            return cached, caption
         try:
             with Image.open(io.BytesIO(image_bytes)) as img:
                 image = self.transform(img.convert("RGB"))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise ValueError(f"row {uid}: cannot decode image: {err}") from err
+        if self.cache_images and key is not None:
+            self._image_cache[key] = image
         return image, caption
 
     def collate(
@@ -190,7 +212,7 @@ class ParquetPairs(IterableDataset):
                 yield self.decode(*row)
             return
         # Shuffle buffer: fill, then emit a random slot and refill it with the next row.
-        buffer: list[tuple[str, bytes, str]] = []
+        buffer: list[Row] = []
         for row in rows:
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(row)

@@ -80,12 +80,7 @@ def _overfit(model, batches, steps: int = 80, lr: float = 1e-2) -> None:
     model.eval()
 
 
-TINY_TIMM_ARGS = {
-    "depths": [1, 1],
-    "embed_dims": [8, 16],
-    "downsamples": [False, True],
-    "num_vit": 1,
-}
+TINY_TIMM_ARGS = {"img_size": 32, "depth": 1, "embed_dim": 16, "num_heads": 2, "cls_attn_layers": 1}
 
 
 def make_ved_dir(path: Path, encoder: str = "vit") -> Path:
@@ -96,7 +91,7 @@ def make_ved_dir(path: Path, encoder: str = "vit") -> Path:
         encoder=encoder, patch_size=8 if encoder == "vit" else 4, swin_depths=[1, 1],
         encoder_hidden=32, encoder_layers=1, encoder_heads=2, encoder_mlp=64,
         decoder_hidden=32, decoder_layers=1, decoder_heads=2, max_length=16,
-        image_size=56 if encoder == "timm" else 32, timm_args=TINY_TIMM_ARGS,
+        image_size=32, timm_args=TINY_TIMM_ARGS,
     )  # fmt: skip
     model = tc.build_model(spec, tok)
     image_processor = tc.build_image_processor(spec.image_size)
@@ -307,10 +302,10 @@ def test_swin_encoder_variant_through_hf_backend(tmp_path):
 
 
 def test_timm_encoder_variant_through_hf_backend(tmp_path):
-    """The default encoder: a timm EfficientFormer inside transformers' TimmWrapperModel."""
+    """The default encoder: a timm XCiT inside transformers' TimmWrapperModel."""
     timm_dir = make_ved_dir(tmp_path / "timm", encoder="timm")
     config = json.loads((timm_dir / "config.json").read_text())
-    assert config["encoder"]["architecture"] == "efficientformer_l1"
+    assert config["encoder"]["architecture"] == "xcit_nano_12_p8_224"
     assert config["encoder"]["hidden_size"] == 16
     captioner = load_captioner(CaptionerConfig(model=str(timm_dir)))
     assert type(captioner.model.encoder).__name__ == "TimmWrapperModel"

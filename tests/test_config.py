@@ -99,3 +99,18 @@ def test_exponent_floats_from_the_command_line():
     add_config_args(parser, Outer, default_config=None)
     cfg = config_from_args(Outer, parser.parse_args(["--set", "inner.lr=2E-3"]))
     assert cfg.inner.lr == 2e-3
+
+
+def test_yaml_mapping_of_kwargs_replaces_its_default_but_sections_merge(tmp_path):
+    from capgap.pipeline.train_captioner import TrainCaptionerConfig
+
+    path = tmp_path / "cap.yaml"
+    path.write_text(
+        "model:\n  timm_architecture: efficientformer_l1\n"
+        "  timm_args: {depths: [1, 1], embed_dims: [8, 16]}\n"
+    )
+    cfg = load_config(TrainCaptionerConfig, str(path))
+    # the default XCiT kwargs (img_size, depth, ...) must not leak into EfficientFormer's
+    assert cfg.model.timm_args == {"depths": [1, 1], "embed_dims": [8, 16]}
+    # the rest of the model section keeps its defaults
+    assert cfg.model.decoder_hidden == TrainCaptionerConfig().model.decoder_hidden

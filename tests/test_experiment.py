@@ -32,8 +32,9 @@ def tiny_config(tmp_path, **overrides):
         experiment._default_train(), model="capgap-micro-vit", epochs=1, batch_size=32
     )
     cfg = experiment.ExperimentConfig(
-        out_dir=str(tmp_path), seeds=[0], n_train=64, n_test=48, ks=[0, 5], train=train
-    )
+        out_dir=str(tmp_path), seeds=[0], n_train=64, n_test=48, ks=[0, 5], train=train,
+        parallel=1,
+    )  # fmt: skip
     cfg.eval.max_samples = 48
     cfg.eval.robustness.sigmas = [0.3]
     cfg.eval.robustness.n_trials = 1
@@ -43,7 +44,7 @@ def tiny_config(tmp_path, **overrides):
 
 
 def test_info_imbalance_end_to_end_and_reuse(tmp_path, monkeypatch):
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, parallel=2)  # the two arms train side by side
     summary = experiment.info_imbalance(cfg)
     root = tmp_path / "info-imbalance"
     for name in ("results.csv", "results.md", "summary.json", "plot.png", "config.yaml"):
@@ -59,6 +60,7 @@ def test_info_imbalance_end_to_end_and_reuse(tmp_path, monkeypatch):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(experiment, "train", no_training)
+    cfg.parallel = 1  # in this process, where the patch applies
     assert experiment.info_imbalance(cfg) == summary
 
 

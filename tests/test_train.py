@@ -36,7 +36,7 @@ def micro():
 
 def _uids(dataset: ParquetPairs, num_workers: int) -> list[str]:
     """Every uid the dataset yields in one epoch, through a real DataLoader."""
-    dataset.decode = lambda uid, image, caption: uid  # skip decoding: we only count rows
+    dataset.decode = lambda key, uid, image, caption: uid  # skip decoding: we only count rows
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
     return list(loader)
 
@@ -91,11 +91,11 @@ def test_caption_mixing_uses_dense_with_probability_p(tmp_path, micro):
     ]
     _write_pairs(tmp_path / "mix.parquet", rows)
     ds = ParquetPairs([tmp_path / "mix.parquet"], *micro, dense_prob=0.8, seed=3)
-    ds.decode = lambda uid, image, caption: caption
+    ds.decode = lambda key, uid, image, caption: caption
     captions = Counter(ds)
     assert 0.7 < captions["dense"] / 400 < 0.9
     ds_all = ParquetPairs([tmp_path / "mix.parquet"], *micro, dense_prob=1.0)
-    ds_all.decode = lambda uid, image, caption: caption
+    ds_all.decode = lambda key, uid, image, caption: caption
     assert set(ds_all) == {"dense"}
 
 
@@ -258,3 +258,20 @@ def test_collate_tokenises_the_batch_like_row_by_row(seed_split, micro):
     assert images.shape == (5, 3, 32, 32)
     expected = torch.stack([micro[1]([caption])[0] for _, caption in rows])
     assert torch.equal(tokens, expected)
+
+
+def test_image_cache_gives_the_same_pairs_without_decoding_again(seed_split, micro):
+    files = expand_globs(seed_split)
+    plain = ParquetPairs(files, *micro, seed=2, rows_per_unit=16)
+    cached = ParquetPairs(files, *micro, seed=2, rows_per_unit=16, cache_images=True)
+    opened = []
+    transform = cached.transform
+    cached.transform = lambda img: opened.append(1) or transform(img)
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for (img_a, cap_a), (img_b, cap_b) in zip(plain, cached, strict=True):
+            assert cap_a == cap_b and torch.equal(img_a, img_b)
+        assert len(opened) == plain.num_rows  # epoch 2 decoded nothing
+    with pytest.raises(ValueError, match="cache_images needs num_workers 0"):
+        TrainConfig(num_workers=2, data_opts=train.DataConfig(cache_images=True))

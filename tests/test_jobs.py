@@ -1,0 +1,28 @@
+"""``run_side_by_side``: results in job order, in processes or inline, errors re-raised."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from capgap.pipeline.jobs import run_side_by_side
+
+
+def test_results_come_back_in_job_order_from_other_processes():
+    jobs = [(math.pow, (2, k)) for k in range(5)]
+    assert run_side_by_side(jobs, processes=2) == [1.0, 2.0, 4.0, 8.0, 16.0]
+    pids = run_side_by_side([(os.getpid, ()), (os.getpid, ())], processes=2)
+    assert os.getpid() not in pids
+
+
+def test_one_process_runs_inline():
+    assert run_side_by_side([(os.getpid, ())], processes=1) == [os.getpid()]
+    with pytest.raises(ValueError, match="processes"):
+        run_side_by_side([(os.getpid, ())], processes=0)
+
+
+def test_a_failing_job_raises_its_error():
+    with pytest.raises(ValueError, match="math domain error"):
+        run_side_by_side([(math.sqrt, (4,)), (math.sqrt, (-1,))], processes=2)
