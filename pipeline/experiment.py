@@ -57,7 +57,7 @@ def _default_train() -> TrainConfig:
         progress=False,
         overwrite=True,
         num_workers=0,  # decode in the run's own process: runs go two at a time
-        data_opts=DataConfig(cache_images=True),
+        data_opts=DataConfig(cache_decoded=True),
     )
 
 

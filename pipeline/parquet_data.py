@@ -9,10 +9,11 @@ caption column exists (``original_caption`` after recaptioning), each row uses t
 dense caption with probability ``dense_prob`` (0.8, as Recap-DataComp-1B) and the
 original otherwise. A row that fails to decode raises with its uid: training data
 is already curated, so a bad row is a bug upstream, not something to skip.
-With ``cache_images`` the preprocessed image tensors are kept in memory after
-their first epoch (the transform is deterministic, so later epochs get the same
-values without decoding again); for data that fits in RAM, read in the training
-process (``num_workers=0``: worker processes are rebuilt every epoch).
+With ``cache_decoded`` the preprocessed image tensors and the token ids of every
+caption are kept in memory after their first use (the transform and tokenizer
+are deterministic, so later epochs get the same values without decoding or
+tokenising again); for data that fits in RAM, read in the training process
+(``num_workers=0``: worker processes are rebuilt every epoch).
 
     ds = ParquetPairs(expand_globs("data/synth/seed/*.parquet"), preprocess, tokenizer, seed=0)
     ds.set_epoch(epoch)
@@ -94,7 +95,7 @@ class ParquetPairs(IterableDataset):
         seed: int = 0,
         rows_per_unit: int = 2048,
         uid_column: str = "uid",
-        cache_images: bool = False,
+        cache_decoded: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= dense_prob <= 1.0:
@@ -108,9 +109,10 @@ class ParquetPairs(IterableDataset):
         self.dense_prob = dense_prob
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, max(1, shuffle_buffer), seed
         self.uid_column = uid_column
-        self.cache_images = cache_images
+        self.cache_decoded = cache_decoded
         # (shard, row group, row) -> preprocessed image; filled on first use
         self._image_cache: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._token_cache: dict[str, torch.Tensor] = {}  # caption -> token ids
         self.units = plan_units(self.files, rows_per_unit)
         self.num_rows = sum(u.stop - u.start for u in self.units)
         self.epoch = 0
@@ -179,7 +181,7 @@ class ParquetPairs(IterableDataset):
         """Decoded, preprocessed image and its caption; raises ValueError naming the uid."""
         if image_bytes is None or caption is None:
             raise ValueError(f"row {uid}: image or caption is null")
-        cached = self._image_cache.get(key) if self.cache_images else None
+        cached = self._image_cache.get(key) if self.cache_decoded else None
         if cached is not None:
             return cached, caption
         try:
@@ -187,7 +189,7 @@ class ParquetPairs(IterableDataset):
                 image = self.transform(img.convert("RGB"))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise ValueError(f"row {uid}: cannot decode image: {err}") from err
-        if self.cache_images and key is not None:
+        if self.cache_decoded and key is not None:
             self._image_cache[key] = image
         return image, caption
 
@@ -200,7 +202,12 @@ class ParquetPairs(IterableDataset):
         single pass), run in the worker like the decoding.
         """
         images, captions = zip(*batch, strict=True)
-        return torch.stack(images), self.tokenizer(list(captions))
+        if not self.cache_decoded:
+            return torch.stack(images), self.tokenizer(list(captions))
+        new = list(dict.fromkeys(c for c in captions if c not in self._token_cache))
+        if new:
+            self._token_cache.update(zip(new, self.tokenizer(new), strict=True))
+        return torch.stack(images), torch.stack([self._token_cache[c] for c in captions])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
         info = get_worker_info()

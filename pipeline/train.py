@@ -53,7 +53,7 @@ class DataConfig:
     shuffle_buffer: int = 2048
     rows_per_unit: int = 2048  # row groups are cut into slices of this size for the workers
     # Keep preprocessed images in memory after epoch 1 (data that fits in RAM; num_workers 0).
-    cache_images: bool = False
+    cache_decoded: bool = False
 
 
 @dataclass
@@ -121,9 +121,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.num_workers < 0 or self.threads < 0:
             raise ValueError("num_workers and threads must be >= 0")
-        if self.data_opts.cache_images and self.num_workers:
+        if self.data_opts.cache_decoded and self.num_workers:
             raise ValueError(
-                "data_opts.cache_images needs num_workers 0 (worker processes are rebuilt "
+                "data_opts.cache_decoded needs num_workers 0 (worker processes are rebuilt "
                 "every epoch, so their caches would be lost)"
             )
         if self.temperature is not None and self.temperature <= 0:
@@ -258,7 +258,7 @@ def train(cfg: TrainConfig) -> Path:
         shuffle_buffer=d.shuffle_buffer,
         rows_per_unit=d.rows_per_unit,
         seed=cfg.seed,
-        cache_images=d.cache_images,
+        cache_decoded=d.cache_decoded,
     )
     steps_per_epoch = dataset.batches_per_epoch(cfg.batch_size, cfg.num_workers)
     if steps_per_epoch == 0:

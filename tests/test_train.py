@@ -260,18 +260,25 @@ def test_collate_tokenises_the_batch_like_row_by_row(seed_split, micro):
     assert torch.equal(tokens, expected)
 
 
-def test_image_cache_gives_the_same_pairs_without_decoding_again(seed_split, micro):
+def test_decoded_cache_gives_the_same_batches_without_decoding_again(seed_split, micro):
     files = expand_globs(seed_split)
     plain = ParquetPairs(files, *micro, seed=2, rows_per_unit=16)
-    cached = ParquetPairs(files, *micro, seed=2, rows_per_unit=16, cache_images=True)
+    cached = ParquetPairs(files, *micro, seed=2, rows_per_unit=16, cache_decoded=True)
     opened = []
     transform = cached.transform
     cached.transform = lambda img: opened.append(1) or transform(img)
     for epoch in (0, 1):
         plain.set_epoch(epoch)
         cached.set_epoch(epoch)
-        for (img_a, cap_a), (img_b, cap_b) in zip(plain, cached, strict=True):
+        rows_a, rows_b = list(plain), list(cached)
+        for (img_a, cap_a), (img_b, cap_b) in zip(rows_a, rows_b, strict=True):
             assert cap_a == cap_b and torch.equal(img_a, img_b)
         assert len(opened) == plain.num_rows  # epoch 2 decoded nothing
-    with pytest.raises(ValueError, match="cache_images needs num_workers 0"):
-        TrainConfig(num_workers=2, data_opts=train.DataConfig(cache_images=True))
+        for start in range(0, len(rows_a), 7):  # the token cache gives the tokenizer's ids
+            a, b = (
+                plain.collate(rows_a[start : start + 7]),
+                cached.collate(rows_b[start : start + 7]),
+            )
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="cache_decoded needs num_workers 0"):
+        TrainConfig(num_workers=2, data_opts=train.DataConfig(cache_decoded=True))
