@@ -370,7 +370,11 @@ def curation_arms(exp_cfg: Any) -> dict[str, Any]:
 
         _bar_plot(table, ["l2m", "rmg", "i2t_r@1"])(path)
 
-    write_results(exp_cfg, "curation", rows, table, keys, summary, plot)
+    budget_note = (
+        f"students: {cfg.student.model}, {budget} pairs seen each in whole epochs (the demo's "
+        f"budget, configs/demo.yaml); web split of {cfg.synth.splits['web'].n} rows."
+    )
+    write_results(exp_cfg, "curation", rows, table, keys, summary, plot, budget_note)
     return summary
 
 

@@ -183,7 +183,12 @@ def write_results(
     keys: Sequence[str],
     summary: dict[str, Any],
     plot: Callable[[Path], None],
+    budget: str | None = None,
 ) -> Path:
+    """Write results.csv / .md, summary.json, plot.png and config.yaml under OUT_DIR/NAME.
+
+    ``budget`` describes what each run trained on (default: n_train pairs, train.epochs).
+    """
     root = Path(cfg.out_dir) / name
     root.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, root)
@@ -201,7 +206,8 @@ def write_results(
         lines.append(f"| {entry['arm']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Seeds: {cfg.seeds}; {cfg.n_train} training pairs; {cfg.train.epochs} epochs.",
+        f"Seeds: {cfg.seeds}; "
+        + (budget or f"{cfg.n_train} training pairs; {cfg.train.epochs} epochs."),
         "",
     ]
     lines += ["```json", json.dumps(summary, indent=1), "```", "", "![plot](plot.png)", ""]
