@@ -4,7 +4,8 @@ Everything is built from configs (no downloads): a word-level tokenizer over the
 synthetic world's vocabulary (``pipeline/world.py``) wrapped in
 ``PreTrainedTokenizerFast``, a ``ViTImageProcessor``, and a
 ``VisionEncoderDecoderModel`` whose encoder is a small timm XCiT (through
-transformers' ``TimmWrapperModel``; any other timm token model, a plain ViT or Swin on request) and whose decoder
+transformers' ``TimmWrapperModel``; any other timm token model, a plain ViT or
+Swin on request) and whose decoder
 is a small GPT-2 with cross-attention. ``save_captioner`` writes all three with
 ``save_pretrained`` (plus a ``TrOCRProcessor`` config tying image processor and
 tokenizer together), so the result loads through the same Auto-class code path

@@ -205,7 +205,6 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def _is_opaque_mapping(tp: Any) -> bool:
     """``dict`` / ``dict[str, Any]`` fields (constructor kwargs): replaced, never merged."""
-    tp = _strip_optional(tp)
     return tp is dict or (get_origin(tp) is dict and get_args(tp)[1:] == (Any,))
 
 

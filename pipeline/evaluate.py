@@ -88,6 +88,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0")
         if self.max_samples is not None and self.max_samples < 2:
             raise ValueError("max_samples must be >= 2")
         if any(s < 0 for s in self.robustness.sigmas):
@@ -347,8 +349,6 @@ def evaluate(run_dir: str | Path, cfg: EvalConfig | None = None) -> dict[str, An
     from capgap.models.clip_factory import load_run
 
     cfg = cfg or EvalConfig()
-    if cfg.threads < 0:
-        raise ValueError("threads must be >= 0")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir)

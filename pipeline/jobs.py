@@ -19,8 +19,9 @@ def run_side_by_side(jobs: Sequence[tuple[Callable, tuple]], processes: int) -> 
     """Run independent ``fn(*args)`` jobs, up to ``processes`` at a time; results in order.
 
     ``fn`` must be a module-level function and ``args`` picklable. Processes are spawned,
-    not forked: forking after torch or Beam started their thread pools can deadlock. An
-    exception in a job is re-raised here once the running jobs have finished.
+    not forked: forking after torch or Beam started their thread pools can deadlock. The
+    first exception (in job order) is re-raised here: jobs not yet started are cancelled,
+    the running ones finish.
     """
     if processes < 1:
         raise ValueError("processes must be >= 1")
@@ -29,4 +30,8 @@ def run_side_by_side(jobs: Sequence[tuple[Callable, tuple]], processes: int) -> 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(processes, len(jobs)), mp_context=context) as pool:
         futures = [pool.submit(fn, *args) for fn, args in jobs]
-        return [future.result() for future in futures]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise

@@ -52,7 +52,8 @@ class DataConfig:
     dense_prob: float = 0.8  # P(use caption_column) when both exist (Recap-DataComp-1B: 0.8)
     shuffle_buffer: int = 2048
     rows_per_unit: int = 2048  # row groups are cut into slices of this size for the workers
-    # Keep preprocessed images in memory after epoch 1 (data that fits in RAM; num_workers 0).
+    # Keep decoded images and token ids in memory after first use (data that fits in RAM;
+    # num_workers 0).
     cache_decoded: bool = False
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,17 @@ def test_one_process_runs_inline():
         run_side_by_side([(os.getpid, ())], processes=0)
 
 
-def test_a_failing_job_raises_its_error():
+def _sleep_then_touch(path: str) -> None:
+    time.sleep(0.2)
+    Path(path).touch()
+
+
+def test_a_failing_job_raises_its_error_and_cancels_the_queued_ones(tmp_path):
     with pytest.raises(ValueError, match="math domain error"):
         run_side_by_side([(math.sqrt, (4,)), (math.sqrt, (-1,))], processes=2)
+    jobs = [(math.sqrt, (-1,))]
+    jobs += [(_sleep_then_touch, (str(tmp_path / f"{i}.done"),)) for i in range(20)]
+    with pytest.raises(ValueError, match="math domain error"):
+        run_side_by_side(jobs, processes=2)
+    # only the few jobs already handed to a worker ran; without cancelling, all 20 would
+    assert len(list(tmp_path.glob("*.done"))) < 10
