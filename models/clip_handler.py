@@ -21,8 +21,11 @@ worker processes, through ``multi_process_shared``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -56,6 +59,16 @@ class ClipModelConfig:
             raise ValueError("need 1 <= model.min_batch_size <= model.max_batch_size")
         if self.model_copies is not None and self.model_copies < 1:
             raise ValueError("model.model_copies must be >= 1")
+
+    def weights_key(self) -> tuple:
+        """What determines the loaded model (not how RunInference batches or counts it)."""
+        ignored = {"min_batch_size", "max_batch_size", "metrics_namespace", "model_copies"}
+        ignored.add("share_model_across_processes")
+        return tuple(
+            (f.name, getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in ignored
+        )
 
     def model_id(self) -> str:
         """A readable identifier of the weights (written into every curated row)."""
@@ -121,6 +134,24 @@ class ClipEmbedder:
         return img, txt, self.logit_scale
 
 
+# Models loaded in this process, by ClipModelConfig.weights_key(): `capgap curate` runs two
+# RunInference steps on the same weights (bank pass, main pass), which then share one copy
+# in memory. Weak values: a model goes when no step holds it any more.
+_LOADED: weakref.WeakValueDictionary[tuple, ClipEmbedder] = weakref.WeakValueDictionary()
+_LOADED_LOCK = threading.Lock()
+
+
+def load_embedder(cfg: ClipModelConfig) -> ClipEmbedder:
+    """The process's ClipEmbedder for these weights, built on first use."""
+    key = cfg.weights_key()
+    with _LOADED_LOCK:
+        embedder = _LOADED.get(key)
+        if embedder is None:
+            embedder = ClipEmbedder(cfg)
+            _LOADED[key] = embedder
+    return embedder
+
+
 class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
     """RunInference handler: decoded pair dict -> {image_embedding, text_embedding, logit_scale}."""
 
@@ -134,7 +165,7 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
         self._share_across_processes = cfg.share_model_across_processes
 
     def load_model(self) -> ClipEmbedder:
-        return ClipEmbedder(self.cfg)
+        return load_embedder(self.cfg)
 
     def run_inference(
         self,

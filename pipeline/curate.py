@@ -2,10 +2,12 @@
 
 Data flow (see docs in README / DESIGN.md)::
 
-    read (Parquet | WebDataset tar | HF datasets dir | CSV)   -> (uid, record)
+    index pass: read uids + refs                               -> duplicates, bank candidates
+    bank pass: read, decode, embed the candidates              -> reference bank (side input)
+    main pass: read (Parquet | WebDataset tar | HF datasets dir | CSV) -> (uid, record)
     drop duplicate uids, decode + validate one at a time       -> (uid, pair)  | errors
     CLIP embed: RunInference(KeyedModelHandler(ClipModelHandler))  | errors
-    reference bank (uid-hash sample, side input), scores       -> clip_score, certainty, imbalance
+    scores against the bank                                    -> clip_score, certainty, imbalance
     decide: keep | drop (rejected/) | recaption
     recaption (transforms/recaption.py, if recaption.enabled)  -> dense caption
     write curated/ rejected/ errors/ Parquet, then manifest.json
@@ -54,10 +56,17 @@ from capgap.pipeline.config import (
     to_dict,
 )
 from capgap.transforms.accounting import CountOutcomes, counter_values, format_counters
+from capgap.transforms.bank import INDEX_NAMESPACE, EmbedBank
 from capgap.transforms.decide import RECAPTION, Decide, DecideConfig
-from capgap.transforms.decode import CaptionConfig, DecodeConfig, DecodeRecords, DropDuplicateUids
+from capgap.transforms.decode import (
+    CaptionConfig,
+    DecodeConfig,
+    DecodeRecords,
+    DropDuplicateUids,
+    FirstRefs,
+)
 from capgap.transforms.read import ReadConfig, ReadRecords, discover
-from capgap.transforms.score import EmbedPairs, SampleBank, ScoreConfig, ScorePairs, bank_summary
+from capgap.transforms.score import EmbedPairs, ScoreConfig, ScorePairs, bank_summary
 from capgap.transforms.write import (
     CURATED,
     ERRORS,
@@ -78,7 +87,6 @@ RECAPTION_FIELDS = [
     pa.field("gate_clip_score_new", pa.float32(), nullable=True),
     pa.field("gate_clip_score_original", pa.float32(), nullable=True),
 ]
-DISABLED_STATUS = "disabled"  # marked for recaptioning, recaptioning off or unavailable
 
 
 @dataclass
@@ -154,19 +162,6 @@ def recaption_stage_config(switch: RecaptionSwitch):
     return from_dict(RecaptionConfig, switch.stage, prefix="recaption.stage.")
 
 
-def _mark_kept(row: dict[str, Any]) -> dict[str, Any]:
-    out = dict(row)
-    out.setdefault("recaption_status", None)
-    return out
-
-
-def _mark_not_recaptioned(row: dict[str, Any]) -> dict[str, Any]:
-    out = dict(row)
-    out["caption_source"] = "original"
-    out["recaption_status"] = DISABLED_STATUS
-    return out
-
-
 # --- the graph -------------------------------------------------------------------------------
 
 
@@ -202,22 +197,24 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     if cfg.recaption.enabled and stage_cfg is None:
         LOG.warning("recaption.enabled but transforms/recaption.py is absent: rows stay marked")
 
+    # Index and bank come from reads of their own (transforms/bank.py), so the main pass
+    # below runs from read to write without holding rows at a barrier.
+    first_refs = p | "ReadIndex" >> ReadRecords(plan, INDEX_NAMESPACE) | "FirstRefs" >> FirstRefs()
+    bank = first_refs | "Bank" >> EmbedBank(plan, cfg.decode, cfg.caption, model_cfg, cfg.score)
     records = p | "Read" >> ReadRecords(plan)
-    unique = records | "Dedup" >> DropDuplicateUids()
+    unique = records | "Dedup" >> DropDuplicateUids(first_refs)
     decoded = unique.ok | "Decode" >> DecodeRecords(cfg.decode, cfg.caption)
     embedded = decoded.ok | "Embed" >> EmbedPairs(model_cfg)
-    bank = embedded["ok"] | "Bank" >> SampleBank(cfg.score)
     scored = embedded["ok"] | "Score" >> ScorePairs(cfg.score, bank)
-    decided = scored | "Decide" >> Decide(cfg.decide)
+    decided = scored | "Decide" >> Decide(cfg.decide, recaption_stage=recaption_on)
 
-    kept = decided["keep"] | "MarkKept" >> beam.Map(_mark_kept)
     if recaption_on:
         from capgap.transforms.recaption import Recaption
 
         recaptioned = decided[RECAPTION] | "Recaption" >> Recaption(stage_cfg)
+        curated = (decided["keep"], recaptioned) | "Curated" >> beam.Flatten()
     else:
-        recaptioned = decided[RECAPTION] | "MarkRecaption" >> beam.Map(_mark_not_recaptioned)
-    curated = (kept, recaptioned) | "Curated" >> beam.Flatten()
+        curated = decided["keep"]  # rows marked recaption included, status "disabled"
     rejected = decided["drop"]
     errors = (
         unique[ERRORS],

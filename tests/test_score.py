@@ -281,6 +281,14 @@ def test_handler_is_deterministic_and_normalised():
     assert model_fingerprint(ClipModelConfig(seed=1))["sha256"] != fp["sha256"]
 
 
+def test_steps_on_the_same_weights_share_one_model_per_process():
+    main = ClipModelHandler(ClipModelConfig(min_batch_size=2, max_batch_size=4)).load_model()
+    bank = ClipModelHandler(ClipModelConfig(metrics_namespace="capgap_clip_bank")).load_model()
+    assert bank is main  # batching and counters differ, the weights do not
+    other = ClipModelHandler(ClipModelConfig(seed=1)).load_model()
+    assert other is not main
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_fails_loudly():
     handler = ClipModelHandler(ClipModelConfig(device="cuda"))

@@ -166,7 +166,13 @@ def decide(row: dict[str, Any], thresholds: dict[str, Any]) -> tuple[str, Reason
     return "keep", Reason.PASSED
 
 
+RECAPTION_DISABLED = "disabled"  # recaption_status of rows marked recaption when no stage runs
+
+
 class _DecideFn(beam.DoFn):
+    def __init__(self, recaption_stage: bool) -> None:
+        self.recaption_stage = recaption_stage
+
     def process(self, element, thresholds) -> Iterator[Any]:
         _, row = element
         decision, reason = decide(row, thresholds)
@@ -176,18 +182,25 @@ class _DecideFn(beam.DoFn):
         out["caption_source"] = "original"
         if decision == DROP:
             yield beam.pvalue.TaggedOutput(DROP, out)
-        elif decision == RECAPTION:
+        elif decision == RECAPTION and self.recaption_stage:
             yield beam.pvalue.TaggedOutput(RECAPTION, out)
         else:
+            out["recaption_status"] = RECAPTION_DISABLED if decision == RECAPTION else None
             yield out
 
 
 class Decide(beam.PTransform):
-    """Scored (uid, row) -> tagged ``keep`` / ``drop`` / ``recaption`` rows and ``thresholds``."""
+    """Scored (uid, row) -> tagged ``keep`` / ``drop`` / ``recaption`` rows and ``thresholds``.
 
-    def __init__(self, cfg: DecideConfig) -> None:
+    ``recaption_stage=False`` (no recaption stage runs): rows marked recaption stay on
+    ``keep``, with ``recaption_status`` "disabled" (kept rows: None), so the curated rows
+    are one PCollection and need no Flatten (which DirectRunner materialises).
+    """
+
+    def __init__(self, cfg: DecideConfig, recaption_stage: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
+        self.recaption_stage = recaption_stage
 
     def expand(self, scored):
         cfg = self.cfg
@@ -202,7 +215,7 @@ class Decide(beam.PTransform):
         else:
             thresholds = pipeline | "Thresholds" >> beam.Create([resolve_thresholds(cfg, None)])
         outputs = scored | "Decide" >> beam.ParDo(
-            _DecideFn(), thresholds=beam.pvalue.AsSingleton(thresholds)
+            _DecideFn(self.recaption_stage), thresholds=beam.pvalue.AsSingleton(thresholds)
         ).with_outputs(DROP, RECAPTION, main="keep")
         return {
             "keep": outputs.keep,

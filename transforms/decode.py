@@ -416,16 +416,19 @@ def decode_record(
 class DecodeFn(beam.DoFn):
     """(uid, record) -> (uid, pair), or an ``errors/`` row on the ``errors`` tag."""
 
-    def __init__(self, decode: DecodeConfig, caption: CaptionConfig) -> None:
+    def __init__(
+        self, decode: DecodeConfig, caption: CaptionConfig, namespace: str = "capgap"
+    ) -> None:
         self.decode = decode
         self.caption = caption
+        self.namespace = namespace
 
     def setup(self) -> None:
         # PIL refuses images above 2 * MAX_IMAGE_PIXELS before our own bound can answer;
         # lift its bound in this worker if the configured one is higher.
         if Image.MAX_IMAGE_PIXELS is not None and self.decode.max_pixels > Image.MAX_IMAGE_PIXELS:
             Image.MAX_IMAGE_PIXELS = self.decode.max_pixels
-        self.ok = Metrics.counter("capgap", "decoded")
+        self.ok = Metrics.counter(self.namespace, "decoded")
 
     def process(self, element: tuple[str, dict]) -> Iterator[Any]:
         uid, record = element
@@ -450,17 +453,20 @@ class DecodeFn(beam.DoFn):
 
 
 class DecodeRecords(beam.PTransform):
-    """(uid, record) -> tagged ``ok`` (uid, pair) and ``errors`` rows."""
+    """(uid, record) -> tagged ``ok`` (uid, pair) and ``errors`` rows (``decoded`` counted
+    under ``namespace``)."""
 
-    def __init__(self, decode: DecodeConfig, caption: CaptionConfig) -> None:
+    def __init__(
+        self, decode: DecodeConfig, caption: CaptionConfig, namespace: str = "capgap"
+    ) -> None:
         super().__init__()
         self.decode = decode
         self.caption = caption
+        self.namespace = namespace
 
     def expand(self, records):
-        return records | "Decode" >> beam.ParDo(DecodeFn(self.decode, self.caption)).with_outputs(
-            ERRORS_TAG, main="ok"
-        )
+        fn = DecodeFn(self.decode, self.caption, self.namespace)
+        return records | "Decode" >> beam.ParDo(fn).with_outputs(ERRORS_TAG, main="ok")
 
 
 # --- duplicate uids --------------------------------------------------------------------------
@@ -492,7 +498,7 @@ class _DropDuplicatesFn(beam.DoFn):
     def process(self, element, duplicates):
         uid, record = element
         keep = duplicates.get(uid)
-        if keep is not None and keep != (record["source"], record["source_index"]):
+        if keep is not None and keep != record_ref(record):
             yield beam.pvalue.TaggedOutput(
                 ERRORS_TAG,
                 error_row(
@@ -507,14 +513,41 @@ class _DropDuplicatesFn(beam.DoFn):
         yield element
 
 
-class DropDuplicateUids(beam.PTransform):
-    """Keep the first record of each uid (smallest source, row index); the rest -> errors."""
+def record_ref(record: dict[str, Any]) -> tuple[str, int]:
+    """Where a record came from: (source shard, row index); the smallest one of a uid is kept."""
+    return record["source"], record["source_index"]
+
+
+class FirstRefs(beam.PTransform):
+    """(uid, record) -> (uid, (number of records, smallest ref)) for every uid."""
 
     def expand(self, records):
-        duplicates = (
+        return (
             records
-            | "Refs" >> beam.Map(lambda kv: (kv[0], (kv[1]["source"], kv[1]["source_index"])))
+            | "Refs" >> beam.Map(lambda kv: (kv[0], record_ref(kv[1])))
             | "FirstRef" >> beam.CombinePerKey(_FirstRef())
+        )
+
+
+class DropDuplicateUids(beam.PTransform):
+    """Keep the first record of each uid (smallest source, row index); the rest -> errors.
+
+    ``first_refs``: the :class:`FirstRefs` of the same records, computed elsewhere (``capgap
+    curate`` takes them from a separate read of the input, so that the records themselves
+    flow on without waiting for the whole input to be indexed). Without it they are computed
+    from ``records``, which then wait, materialised, until every uid is counted.
+    """
+
+    def __init__(self, first_refs=None) -> None:
+        super().__init__()
+        self.first_refs = first_refs
+
+    def expand(self, records):
+        first_refs = self.first_refs
+        if first_refs is None:
+            first_refs = records | "Index" >> FirstRefs()
+        duplicates = (
+            first_refs
             | "OnlyRepeated" >> beam.Filter(lambda kv: kv[1][0] > 1)
             | "KeepRef" >> beam.Map(lambda kv: (kv[0], kv[1][1]))
         )

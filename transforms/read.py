@@ -443,12 +443,13 @@ def _error(reason: Reason, err: BaseException | str, error_class: str | None = N
 class _ReadFn(beam.DoFn):
     """Shared bookkeeping of the readers: uid choice, image-root choice, counters."""
 
-    def __init__(self, plan: InputPlan) -> None:
+    def __init__(self, plan: InputPlan, namespace: str = "capgap") -> None:
         self.plan = plan
+        self.namespace = namespace
 
     def setup(self) -> None:
-        self.rows_in = Metrics.counter("capgap", "rows_in")
-        self.shard_errors = Metrics.counter("capgap", "shards_unreadable")
+        self.rows_in = Metrics.counter(self.namespace, "rows_in")
+        self.shard_errors = Metrics.counter(self.namespace, "shards_unreadable")
 
     def _root(self, path: str) -> str:
         return self.plan.config.image_root or posixpath.dirname(path) or "."
@@ -868,23 +869,28 @@ class ReadTarFn(_ReadFn):
 
 
 class ReadRecords(beam.PTransform):
-    """The input described by an :class:`InputPlan` -> ``(uid, record)`` pairs."""
+    """The input described by an :class:`InputPlan` -> ``(uid, record)`` pairs.
 
-    def __init__(self, plan: InputPlan) -> None:
+    ``namespace`` is the counters' (``rows_in``, ``shards_unreadable``): ``capgap curate``
+    reads its input three times (index, bank, main pass) and counts only the main pass
+    under ``capgap``.
+    """
+
+    def __init__(self, plan: InputPlan, namespace: str = "capgap") -> None:
         super().__init__()
         self.plan = plan
+        self.namespace = namespace
 
     def expand(self, pbegin):
         plan = self.plan
         if plan.format == "hf":
             step = plan.config.hf_rows_per_task
             tasks = [(lo, min(lo + step, plan.hf_rows)) for lo in range(0, plan.hf_rows, step)]
-            fn: _ReadFn = ReadHfFn(plan)
+            fn: _ReadFn = ReadHfFn(plan, self.namespace)
         else:
             tasks = [path for path, _, _ in plan.files]
-            fn = {"parquet": ReadParquetFn, "csv": ReadCsvFn, "webdataset": ReadTarFn}[plan.format](
-                plan
-            )
+            reader = {"parquet": ReadParquetFn, "csv": ReadCsvFn, "webdataset": ReadTarFn}
+            fn = reader[plan.format](plan, self.namespace)
         return (
             pbegin
             | "Shards" >> beam.Create(tasks)

@@ -4,7 +4,8 @@
 :class:`~capgap.models.clip_handler.ClipModelHandler`; failed batches become
 ``errors/`` rows (``inference_failed``), non-finite embeddings too.
 :class:`SampleBank` picks ``score.bank_size`` embedded pairs by a salted hash of
-their uid (deterministic, independent of order and sharding) as a side input, and
+their uid (deterministic, independent of order and sharding) as a side input (in
+``capgap curate`` from a pass of its own, :mod:`capgap.transforms.bank`), and
 :class:`ScorePairs` scores every pair against it. With s_j = cos(bank_image_j,
 caption_i) over the bank (the pair itself excluded) and s_ii = cos(image_i, caption_i):
 
@@ -50,6 +51,7 @@ ERRORS_TAG = "errors"
 @dataclass
 class ScoreConfig:
     bank_size: int = 2048  # reference images sampled from the input
+    bank_oversample: float = 1.25  # candidates embedded per bank slot (spares for bad images)
     bank_salt: str = "capgap-bank-v1"  # changes which uids the hash picks
     tau: float | None = None  # softmax temperature; None: the model's own
     certainty: Literal["rank", "margin"] = "margin"
@@ -63,6 +65,8 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if self.bank_size < 2:
             raise ValueError("score.bank_size must be >= 2")
+        if self.bank_oversample < 1.0:
+            raise ValueError("score.bank_oversample must be >= 1")
         if self.tau is not None and self.tau <= 0:
             raise ValueError("score.tau must be positive")
         if not 0.0 < self.margin_quantile <= 1.0:

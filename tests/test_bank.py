@@ -1,0 +1,77 @@
+"""The bank pass (transforms/bank.py): which uids become the reference bank.
+
+The bank must be the ``bank_size`` first-seen uids with the smallest salted hash among
+those that embed, whatever fails to decode among the candidates (the surplus
+``bank_oversample`` stands in for them), and never a later copy of a duplicate uid.
+
+    .venv/bin/python -m pytest -q tests/test_bank.py
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from capgap.models.clip_handler import ClipModelConfig
+from capgap.pipeline.synth import SCHEMA, SplitConfig, make_row
+from capgap.transforms.bank import EmbedBank, candidate_count, is_candidate
+from capgap.transforms.decode import CaptionConfig, DecodeConfig, FirstRefs
+from capgap.transforms.read import ReadConfig, ReadRecords, discover
+from capgap.transforms.score import ScoreConfig, uid_hash
+
+N_ROWS = 20
+
+
+@pytest.fixture(scope="module")
+def bank_input(tmp_path_factory):
+    """20 rows; the smallest-hash uid has a broken image, the next one a later duplicate."""
+    root = tmp_path_factory.mktemp("bank")
+    split = SplitConfig(n=N_ROWS, k_weights=[0.2, 0.3, 0.2, 0.2, 0.1, 0.0], mismatch_rate=0.0)
+    rows = [dict(make_row(i, "web", split, 0, 32, 0.05), uid=f"u{i:02d}") for i in range(N_ROWS)]
+    salt = ScoreConfig().bank_salt
+    order = sorted((r["uid"] for r in rows), key=lambda u: (uid_hash(u, salt), u))
+    by_uid = {r["uid"]: r for r in rows}
+    by_uid[order[0]]["image"] = b"not an image"  # its only copy: it can never be in the bank
+    # A later copy of order[1] with another (valid) image: it must not enter the bank too.
+    later_copy = dict(by_uid[order[1]], image=by_uid[order[-1]]["image"])
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), root / "a.parquet")
+    pq.write_table(pa.Table.from_pylist([later_copy], schema=SCHEMA), root / "b.parquet")
+    return str(root / "*.parquet"), order
+
+
+def assert_bank(pattern: str, score: ScoreConfig, expected: list[str]) -> None:
+    plan = discover(ReadConfig(), pattern)
+    model = ClipModelConfig(min_batch_size=2, max_batch_size=4)
+    with TestPipeline() as p:
+        first_refs = p | ReadRecords(plan) | FirstRefs()
+        bank = first_refs | EmbedBank(plan, DecodeConfig(), CaptionConfig(), model, score)
+        assert_that(bank | beam.Map(lambda b: b["uids"]), equal_to([expected]))
+
+
+def test_bank_skips_candidates_that_fail_and_later_copies(bank_input):
+    pattern, order = bank_input
+    score = ScoreConfig(bank_size=6, bank_oversample=1.5)
+    assert candidate_count(score) == 9
+    # order[0] fails to decode, a spare takes its place; order[1]'s later copy is not taken.
+    assert_bank(pattern, score, order[1:7])
+
+
+def test_without_spares_a_failed_candidate_shrinks_the_bank(bank_input):
+    pattern, order = bank_input
+    assert_bank(pattern, ScoreConfig(bank_size=6, bank_oversample=1.0), order[1:6])
+
+
+def test_is_candidate_takes_only_the_first_copy():
+    candidates = {"a": ("s0", 3)}
+    assert is_candidate(("a", {"source": "s0", "source_index": 3}), candidates)
+    assert not is_candidate(("a", {"source": "s1", "source_index": 0}), candidates)
+    assert not is_candidate(("b", {"source": "s0", "source_index": 3}), candidates)
+
+
+def test_oversample_below_one_is_refused():
+    with pytest.raises(ValueError, match="bank_oversample"):
+        ScoreConfig(bank_oversample=0.9)

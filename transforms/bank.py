@@ -1,0 +1,98 @@
+"""The reference bank, built in a pass of its own so that no input row waits at a barrier.
+
+Scores compare each caption against a bank of images sampled from the input (see
+:mod:`capgap.transforms.score`). Sampling that bank from the main stream of embedded
+rows would hold every row, image bytes and all, until the last one is embedded (a
+side-input barrier: materialised on DirectRunner, shuffled on Dataflow). Instead
+``capgap curate`` reads its input three times, and the main pass flows through from
+read to write in one fused stage:
+
+1. index: every record's uid and ref (source shard, row index) -> :class:`FirstRefs`
+   (decode.py): the duplicates side input, and the bank candidates here;
+2. bank: the candidates, ``ceil(score.bank_size * score.bank_oversample)`` first-seen
+   uids with the smallest salted hash (so the choice is independent of order and
+   sharding), are read again, decoded and embedded; the ``bank_size`` smallest of those
+   that embed become the bank. The surplus stands in for candidates that fail to decode;
+   if more fail than that, the bank is smaller (its size is in the manifest);
+3. main: dedup, decode, embed, score against the bank, decide, write.
+
+The bank pass costs one extra read of the input and ``bank_size * bank_oversample``
+extra embeddings, whatever the input's size. Its failures are not reported: the main
+pass meets the same records and records them. Its counters use the ``capgap_bank``
+namespace, the index pass's ``capgap_index``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import apache_beam as beam
+
+from capgap.models.clip_handler import ClipModelConfig
+from capgap.transforms.decode import CaptionConfig, DecodeConfig, DecodeRecords, record_ref
+from capgap.transforms.read import InputPlan, ReadRecords
+from capgap.transforms.score import EmbedPairs, SampleBank, ScoreConfig, uid_hash
+
+BANK_NAMESPACE = "capgap_bank"
+INDEX_NAMESPACE = "capgap_index"
+
+
+def candidate_count(cfg: ScoreConfig) -> int:
+    """How many uids the bank pass embeds for a bank of ``cfg.bank_size``."""
+    return math.ceil(cfg.bank_size * cfg.bank_oversample)
+
+
+class BankCandidates(beam.PTransform):
+    """:class:`FirstRefs` pairs -> one ``{uid: first ref}`` dict of the bank candidates."""
+
+    def __init__(self, cfg: ScoreConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, first_refs):
+        salt = self.cfg.bank_salt
+        return (
+            first_refs
+            | "Hashed" >> beam.Map(lambda kv: (uid_hash(kv[0], salt), kv[0], kv[1][1]))
+            | "Smallest"
+            >> beam.combiners.Top.Smallest(candidate_count(self.cfg), key=lambda e: e[:2])
+            | "AsDict" >> beam.Map(lambda entries: {uid: ref for _, uid, ref in entries})
+        )
+
+
+def is_candidate(element: tuple[str, dict[str, Any]], candidates: dict[str, Any]) -> bool:
+    """The record is a candidate's first-seen copy (a later duplicate never enters the bank)."""
+    uid, record = element
+    ref = candidates.get(uid)
+    return ref is not None and tuple(ref) == record_ref(record)
+
+
+class EmbedBank(beam.PTransform):
+    """:class:`FirstRefs` of the input -> the bank dict (for ``AsSingleton``), from a new read."""
+
+    def __init__(
+        self,
+        plan: InputPlan,
+        decode: DecodeConfig,
+        caption: CaptionConfig,
+        model: ClipModelConfig,
+        score: ScoreConfig,
+    ) -> None:
+        super().__init__()
+        self.plan, self.decode, self.caption = plan, decode, caption
+        self.model, self.score = model, score
+
+    def expand(self, first_refs):
+        candidates = first_refs | "Candidates" >> BankCandidates(self.score)
+        model = dataclasses.replace(
+            self.model, metrics_namespace=f"{self.model.metrics_namespace}_bank"
+        )
+        records = first_refs.pipeline | "Read" >> ReadRecords(self.plan, BANK_NAMESPACE)
+        picked = records | "Pick" >> beam.Filter(
+            is_candidate, candidates=beam.pvalue.AsSingleton(candidates)
+        )
+        decoded = picked | "Decode" >> DecodeRecords(self.decode, self.caption, BANK_NAMESPACE)
+        embedded = decoded.ok | "Embed" >> EmbedPairs(model)
+        return embedded["ok"] | "Sample" >> SampleBank(self.score)
