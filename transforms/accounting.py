@@ -10,6 +10,7 @@ errors`` is the invariant of a build.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,8 @@ NAMESPACE = "capgap"
 
 
 class _CountFn(beam.DoFn):
+    """Bumps the live counters of one outcome (the exact counts come from :class:`_KeyCounts`)."""
+
     def __init__(self, outcome: Outcome) -> None:
         self.outcome = Outcome(outcome).value
         self._counters: dict[str, Any] = {}
@@ -33,15 +36,42 @@ class _CountFn(beam.DoFn):
             counter = self._counters[name] = Metrics.counter(NAMESPACE, name)
         counter.inc()
 
-    def process(self, row: dict[str, Any]) -> Iterator[str]:
-        reason = row["reason"]
+    def process(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
         self._inc(self.outcome)
-        self._inc(f"{self.outcome}.{reason}")
-        key = f"{self.outcome}|reason|{reason}"
-        yield key
-        if self.outcome == Outcome.CURATED.value:
-            yield f"{self.outcome}|decision|{row['decision']}"
-            yield f"{self.outcome}|caption_source|{row['caption_source']}"
+        self._inc(f"{self.outcome}.{row['reason']}")
+        yield row
+
+
+def outcome_keys(outcome: str, row: dict[str, Any]) -> list[str]:
+    """The ``outcome|kind|value`` keys one row counts under."""
+    keys = [f"{outcome}|reason|{row['reason']}"]
+    if outcome == Outcome.CURATED.value:
+        keys.append(f"{outcome}|decision|{row['decision']}")
+        keys.append(f"{outcome}|caption_source|{row['caption_source']}")
+    return keys
+
+
+class _KeyCounts(beam.CombineFn):
+    """Rows of one outcome -> {key: rows}. Combined where the rows are (no row is shuffled)."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        self.outcome = Outcome(outcome).value
+
+    def create_accumulator(self) -> Counter:
+        return Counter()
+
+    def add_input(self, acc: Counter, row: dict[str, Any]) -> Counter:
+        acc.update(outcome_keys(self.outcome, row))
+        return acc
+
+    def merge_accumulators(self, accs) -> Counter:
+        total: Counter = Counter()
+        for acc in accs:
+            total.update(acc)
+        return total
+
+    def extract_output(self, acc: Counter) -> dict[str, int]:
+        return dict(acc)
 
 
 def counts_from_pairs(pairs: list[tuple[str, int]]) -> dict[str, Any]:
@@ -61,20 +91,29 @@ def counts_from_pairs(pairs: list[tuple[str, int]]) -> dict[str, Any]:
     return out
 
 
+def _merge_counts(per_outcome: list[dict[str, int]]) -> dict[str, Any]:
+    return counts_from_pairs([pair for counts in per_outcome for pair in counts.items()])
+
+
 class CountOutcomes(beam.PTransform):
-    """{outcome: rows} -> a single counts dict (see :func:`counts_from_pairs`)."""
+    """{outcome: rows} -> a single counts dict (see :func:`counts_from_pairs`).
+
+    Each outcome's rows are counted where they are (a combine, lifted into the stage that
+    makes them); only the three small dicts of counts meet.
+    """
 
     def expand(self, branches: dict[str, Any]):
-        keyed = [
-            branches[o.value] | f"Count{o.value.title()}" >> beam.ParDo(_CountFn(o))
+        per_outcome = [
+            branches[o.value]
+            | f"Counters{o.value.title()}" >> beam.ParDo(_CountFn(o))
+            | f"Count{o.value.title()}" >> beam.CombineGlobally(_KeyCounts(o))
             for o in Outcome
         ]
         return (
-            keyed
+            per_outcome
             | "AllOutcomes" >> beam.Flatten()
-            | "PerKey" >> beam.combiners.Count.PerElement()
             | "ToList" >> beam.combiners.ToList()
-            | "AsCounts" >> beam.Map(counts_from_pairs)
+            | "AsCounts" >> beam.Map(_merge_counts)
         )
 
 
