@@ -35,6 +35,17 @@ from typing import Any, Literal
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+# ClipModelConfig fields that do not change the loaded model.
+_NOT_WEIGHTS = frozenset(
+    {
+        "min_batch_size",
+        "max_batch_size",
+        "metrics_namespace",
+        "model_copies",
+        "share_model_across_processes",
+    }
+)
+
 
 @dataclass
 class ClipModelConfig:
@@ -61,13 +72,11 @@ class ClipModelConfig:
             raise ValueError("model.model_copies must be >= 1")
 
     def weights_key(self) -> tuple:
-        """What determines the loaded model (not how RunInference batches or counts it)."""
-        ignored = {"min_batch_size", "max_batch_size", "metrics_namespace", "model_copies"}
-        ignored.add("share_model_across_processes")
+        """What determines the loaded model (not how RunInference batches, shares or counts it)."""
         return tuple(
             (f.name, getattr(self, f.name))
             for f in dataclasses.fields(self)
-            if f.name not in ignored
+            if f.name not in _NOT_WEIGHTS
         )
 
     def model_id(self) -> str:

@@ -201,6 +201,11 @@ def _glob(pattern: str) -> list[Path]:
     return sorted(path.parent.glob(path.name))
 
 
+def student_epochs(budget_pairs: int, rows: int) -> int:
+    """Whole epochs over ``rows`` nearest to ``budget_pairs`` pairs seen (at least 1)."""
+    return max(1, round(budget_pairs / rows))
+
+
 def train_student(
     cfg: DemoConfig, data: str, name: str, budget_pairs: int, seed: int | None = None
 ) -> Path:
@@ -212,12 +217,11 @@ def train_student(
     rows = sum(pq.read_metadata(p).num_rows for p in _glob(data))
     if rows == 0:
         raise ValueError(f"no rows to train on in {data}")
-    epochs = max(1, round(budget_pairs / rows))
     run = replace(
         cfg.student,
         data=data,
         out_dir=str(Path(cfg.out_dir) / name),
-        epochs=epochs,
+        epochs=student_epochs(budget_pairs, rows),
         seed=cfg.student.seed if seed is None else seed,
         overwrite=True,
         resume=False,

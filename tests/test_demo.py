@@ -28,3 +28,10 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "report" / "report.md").is_file()
     assert list((tmp_path / "report").glob("*.png"))
     assert (tmp_path / "config.yaml").is_file()
+
+
+def test_student_epochs_match_the_budget_to_the_nearest_whole_epoch():
+    assert demo.student_epochs(48_000, 6_000) == 8
+    assert demo.student_epochs(48_000, 5_281) == 9  # 9.09: not rounded up to 10
+    assert demo.student_epochs(48_000, 5_500) == 9  # 8.73: rounded up
+    assert demo.student_epochs(100, 1_000) == 1  # never zero epochs
