@@ -9,7 +9,9 @@ One run, one model, one synthetic ``web`` split written to a temporary folder:
   (the marginal rate between a run on ``--n`` rows and one on ``--scale`` times
   as many: extra rows / extra seconds, i.e. what a large build sees). The fixed part
   includes the bank pass, which embeds ``bank_size * bank_oversample`` = 2,560 rows (all
-  of them when the input is smaller), so end to end is low on a few thousand rows.
+  of them when the input is smaller), so end to end is low on a few thousand rows;
+  ``--n`` must be at least that many, so that both runs embed the same bank and the
+  difference holds only per-row work (the index and bank passes' reads included).
 - ``batched``: a bare loop over the same rows: decode PNG, preprocess, embed in
   batches of ``--batch`` with the same model object (no validation, no scores, no
   output). Target: pipeline >= 0.8x batched. The pipeline's RunInference gets
@@ -18,10 +20,12 @@ One run, one model, one synthetic ``web`` split written to a temporary folder:
 - memory: peak RSS of the pipeline in a fresh process on ``--n`` rows and on
   ``--memory_factor`` times as many. Target: grows < 1.5x.
 
-Runs alternate (batched, pipeline, single, ...) so that load from other processes
-hits each alike; medians are reported. Prints one JSON line at the end.
+Runs alternate (batched, pipeline small, pipeline large, batched, single, ...) so that
+load from other processes hits each alike; each rep's pipeline rate is paired with the
+mean of the bare loop runs just before and after it (this VM's speed drifts by 10-20%
+within a minute), and medians are reported. Prints one JSON line at the end.
 
-    python benchmarks/curate_throughput.py                       # micro CLIP, 2000 rows
+    python benchmarks/curate_throughput.py                       # micro CLIP, 3,000 + 15,000 rows
     python benchmarks/curate_throughput.py --model capgap-small-vit --n 1000 --reps 2
 """
 
@@ -45,6 +49,7 @@ from PIL import Image
 
 from capgap.models.clip_handler import ClipEmbedder, ClipModelConfig
 from capgap.pipeline import curate, synth
+from capgap.transforms.bank import candidate_count
 
 
 def write_split(folder: Path, n: int, shards: int = 4) -> str:
@@ -138,7 +143,7 @@ def measure_memory(pattern: str, output: Path, model: str, batch: int, threads: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="capgap-micro-vit")
-    parser.add_argument("--n", type=int, default=2000, help="rows for the throughput runs")
+    parser.add_argument("--n", type=int, default=3000, help="rows of the small pipeline run")
     parser.add_argument("--single_n", type=int, default=300, help="rows for the 1-pair loop")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
@@ -156,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_memory:
         child_memory(*args.child_memory, args.model, args.batch, args.threads)
         return 0
+    bank_rows = candidate_count(curate.CurateConfig().score)
+    if args.n < bank_rows:
+        parser.error(f"--n must be >= {bank_rows} (the bank pass's rows) for the steady state")
 
     with tempfile.TemporaryDirectory(prefix="capgap-curate-bench-") as tmp:
         root = Path(tmp)
@@ -168,10 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         pipeline_seconds(pattern, root / "warmup", args, args.n)  # imports, caches
         keys = ("batched", "pipeline", "pipeline_steady", "single")
         results: dict[str, list[float]] = {k: [] for k in keys}
+        batched_after = bare_loop(embedder, rows, args.batch)
         for rep in range(args.reps):
-            results["batched"].append(bare_loop(embedder, rows, args.batch))
+            batched_before = batched_after
             small = pipeline_seconds(pattern, root / f"small{rep}", args, args.n)
             big = pipeline_seconds(big_pattern, root / f"big{rep}", args, n_big)
+            batched_after = bare_loop(embedder, rows, args.batch)
+            results["batched"].append((batched_before + batched_after) / 2)
             results["pipeline"].append(n_big / big)
             results["pipeline_steady"].append((n_big - args.n) / max(big - small, 1e-9))
             results["single"].append(bare_loop(embedder, rows[: args.single_n], 1))
@@ -182,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         median = {k: statistics.median(v) for k, v in results.items()}
-        # Each rep's pipeline run against the bare loop run beside it: the machine's speed
+        # Each rep's pipeline runs against the bare loop runs around them: the machine's speed
         # drifts between reps, and a ratio of medians mixes reps.
         paired = [
             s / b for s, b in zip(results["pipeline_steady"], results["batched"], strict=True)

@@ -23,6 +23,7 @@ from capgap.transforms.decode import (
     DecodeRecords,
     DropDuplicateUids,
     decode_image,
+    exif_orientation,
     decode_record,
     normalise_caption,
     resolve_image_path,
@@ -124,6 +125,38 @@ def test_exif_orientation_is_applied():
     out = decode_image(encode(im, "JPEG", exif=exif.tobytes()), CFG)
     assert (out.width, out.height) == (20, 40)
     assert "exif_orientation:6" in out.notes and "reencoded_png" in out.notes
+
+
+def _with_orientation(fmt: str) -> bytes:
+    """A 40x20 image whose metadata says orientation 6, the way ``fmt`` stores it."""
+    im = rgb_image(40, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    if fmt == "PNG-XMP":
+        from PIL import PngImagePlugin
+
+        info = PngImagePlugin.PngInfo()
+        xmp = '<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+        info.add_itxt("XML:com.adobe.xmp", xmp)
+        return encode(im, "PNG", pnginfo=info)
+    if fmt == "TIFF":
+        return encode(im, "TIFF", tiffinfo={0x0112: 6})
+    return encode(im, fmt, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF", "PNG-XMP"])
+def test_orientation_is_found_wherever_pil_finds_it(fmt):
+    # exif_orientation skips getexif() for images without metadata; it must still see every
+    # place getexif() reads an orientation from.
+    data = _with_orientation(fmt)
+    im = Image.open(io.BytesIO(data))
+    assert im.getexif().get(0x0112) == 6
+    assert exif_orientation(Image.open(io.BytesIO(data))) == 6
+    out = decode_image(data, CFG)
+    assert (out.width, out.height) == (20, 40)
+    if fmt != "TIFF":  # PIL turns a TIFF upright itself when it loads the pixels
+        assert "exif_orientation:6" in out.notes
+    assert exif_orientation(Image.open(io.BytesIO(encode(rgb_image(40, 20), "PNG")))) == 1
 
 
 def test_large_images_are_downscaled_for_the_model_only():

@@ -116,30 +116,38 @@ def batch_scores(
     b, n = len(images), len(bank)
     s_self = np.einsum("ij,ij->i", images, texts)
     sims = texts @ bank.T if n else np.zeros((b, 0))
-    valid = np.ones((b, n), dtype=bool)
-    for i, j in enumerate(exclude or []):
-        if j is not None:
-            valid[i, j] = False
-    n_eff = valid.sum(axis=1)
+    n_eff = np.full(b, n, dtype=np.int64)
+    rows = [i for i, j in enumerate(exclude or []) if j is not None]
+    cols = [j for j in (exclude or []) if j is not None]
+    if rows:
+        # An excluded entry is set to -inf: below every s_ii, never a tie, never at least
+        # s_ii, and first in sorted order (the quantile below skips it).
+        sims[rows, cols] = -np.inf
+        n_eff[rows] -= 1
+    n_excluded = n - n_eff
     self_col = s_self[:, None]
     eps = cfg.tie_tolerance
-    below = np.sum((sims < self_col - eps) & valid, axis=1)
-    ties = np.sum((np.abs(sims - self_col) <= eps) & valid, axis=1)
-    at_least = np.sum((sims >= self_col - eps) & valid, axis=1)
+    below = np.count_nonzero(sims < self_col - eps, axis=1) - n_excluded
+    at_least = n_eff - below
     safe_n = np.maximum(n_eff, 1)
     if cfg.certainty == "rank":
+        ties = np.count_nonzero(np.abs(sims - self_col) <= eps, axis=1)
         certainty = np.where(n_eff > 0, (below + 0.5 * ties) / safe_n, 1.0)
-    else:
-        ordered = np.sort(np.where(valid, sims, np.inf), axis=1)  # excluded entries last
+    elif n:
+        # Nearest-rank quantile among the n_eff valid entries, which follow the excluded
+        # (-inf) ones in sorted order; only these positions need to be in place.
         rank = np.clip(np.ceil(cfg.margin_quantile * n_eff).astype(np.int64) - 1, 0, None)
-        top = ordered[np.arange(b), np.minimum(rank, max(n - 1, 0))] if n else s_self
-        top = np.where(n_eff > 0, top, s_self)
+        position = np.minimum(rank + n_excluded, n - 1)
+        ordered = np.partition(sims, np.unique(position), axis=1)
+        top = np.where(n_eff > 0, ordered[np.arange(b), position], s_self)
         certainty = np.exp(np.minimum(0.0, s_self - top) / tau)
+    else:
+        certainty = np.ones(b)
     log_n = np.log1p(n_eff)
     if cfg.imbalance == "ambiguity":
         imbalance = np.where(n_eff > 0, np.log1p(at_least) / np.where(log_n > 0, log_n, 1), 0.0)
     else:
-        logits = np.concatenate([self_col, np.where(valid, sims, -np.inf)], axis=1) / tau
+        logits = np.concatenate([self_col, sims], axis=1) / tau
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)
