@@ -2,8 +2,8 @@
 
 Data flow (see docs in README / DESIGN.md)::
 
-    index pass: read uids + refs                               -> duplicates, bank candidates
-    bank pass: read, decode, embed the candidates              -> reference bank (side input)
+    index pass: read uids + refs (Parquet: the uid column)     -> duplicates, bank candidates
+    bank pass: read the candidates' rows, decode, embed        -> reference bank (side input)
     main pass: read (Parquet | WebDataset tar | HF datasets dir | CSV) -> (uid, record)
     drop duplicate uids, decode + validate one at a time       -> (uid, pair)  | errors
     CLIP embed: RunInference(KeyedModelHandler(ClipModelHandler))  | errors
@@ -199,7 +199,8 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
 
     # Index and bank come from reads of their own (transforms/bank.py), so the main pass
     # below runs from read to write without holding rows at a barrier.
-    first_refs = p | "ReadIndex" >> ReadRecords(plan, INDEX_NAMESPACE) | "FirstRefs" >> FirstRefs()
+    refs = p | "ReadIndex" >> ReadRecords(plan, INDEX_NAMESPACE, index_only=True)
+    first_refs = refs | "FirstRefs" >> FirstRefs()
     bank = first_refs | "Bank" >> EmbedBank(plan, cfg.decode, cfg.caption, model_cfg, cfg.score)
     records = p | "Read" >> ReadRecords(plan)
     unique = records | "Dedup" >> DropDuplicateUids(first_refs)

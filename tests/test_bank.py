@@ -18,7 +18,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from capgap.models.clip_handler import ClipModelConfig
 from capgap.pipeline.synth import SCHEMA, SplitConfig, make_row
-from capgap.transforms.bank import EmbedBank, candidate_count, is_candidate
+from capgap.transforms.bank import EmbedBank, candidate_count
 from capgap.transforms.decode import CaptionConfig, DecodeConfig, FirstRefs
 from capgap.transforms.read import ReadConfig, ReadRecords, discover
 from capgap.transforms.score import ScoreConfig, uid_hash
@@ -47,7 +47,7 @@ def assert_bank(pattern: str, score: ScoreConfig, expected: list[str]) -> None:
     plan = discover(ReadConfig(), pattern)
     model = ClipModelConfig(min_batch_size=2, max_batch_size=4)
     with TestPipeline() as p:
-        first_refs = p | ReadRecords(plan) | FirstRefs()
+        first_refs = p | ReadRecords(plan, index_only=True) | FirstRefs()
         bank = first_refs | EmbedBank(plan, DecodeConfig(), CaptionConfig(), model, score)
         assert_that(bank | beam.Map(lambda b: b["uids"]), equal_to([expected]))
 
@@ -63,13 +63,6 @@ def test_bank_skips_candidates_that_fail_and_later_copies(bank_input):
 def test_without_spares_a_failed_candidate_shrinks_the_bank(bank_input):
     pattern, order = bank_input
     assert_bank(pattern, ScoreConfig(bank_size=6, bank_oversample=1.0), order[1:6])
-
-
-def test_is_candidate_takes_only_the_first_copy():
-    candidates = {"a": ("s0", 3)}
-    assert is_candidate(("a", {"source": "s0", "source_index": 3}), candidates)
-    assert not is_candidate(("a", {"source": "s1", "source_index": 0}), candidates)
-    assert not is_candidate(("b", {"source": "s0", "source_index": 3}), candidates)
 
 
 def test_oversample_below_one_is_refused():

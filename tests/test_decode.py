@@ -23,8 +23,8 @@ from capgap.transforms.decode import (
     DecodeRecords,
     DropDuplicateUids,
     decode_image,
-    exif_orientation,
     decode_record,
+    exif_orientation,
     normalise_caption,
     resolve_image_path,
 )

@@ -1,6 +1,6 @@
 """The Parquet sinks: rows -> Arrow row groups -> ``WriteToParquetBatched`` files.
 
-    .venv/bin/python -m pytest -q tests/test_write.py
+.venv/bin/python -m pytest -q tests/test_write.py
 """
 
 from __future__ import annotations

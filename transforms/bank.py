@@ -7,31 +7,34 @@ side-input barrier: materialised on DirectRunner, shuffled on Dataflow). Instead
 ``capgap curate`` reads its input three times, and the main pass flows through from
 read to write in one fused stage:
 
-1. index: every record's uid and ref (source shard, row index) -> :class:`FirstRefs`
+1. index: every record's uid and ref (source shard, row index), read from as little of
+   each shard as the uids need (Parquet: the uid column) -> :class:`FirstRefs`
    (decode.py): the duplicates side input, and the bank candidates here;
 2. bank: the candidates, ``ceil(score.bank_size * score.bank_oversample)`` first-seen
    uids with the smallest salted hash (so the choice is independent of order and
-   sharding), are read again, decoded and embedded; the ``bank_size`` smallest of those
-   that embed become the bank. The surplus stands in for candidates that fail to decode;
-   if more fail than that, the bank is smaller (its size is in the manifest);
+   sharding), are read again (only the rows at their first refs: a later copy of a
+   duplicate uid never enters the bank), decoded and embedded; the ``bank_size``
+   smallest of those that embed become the bank. The surplus stands in for candidates
+   that fail to decode; if more fail than that, the bank is smaller (its size is in the
+   manifest);
 3. main: dedup, decode, embed, score against the bank, decide, write.
 
-The bank pass costs one extra read of the input and ``bank_size * bank_oversample``
-extra embeddings, whatever the input's size. Its failures are not reported: the main
-pass meets the same records and records them. Its counters use the ``capgap_bank``
-namespace, the index pass's ``capgap_index``.
+The index and bank passes cost a uid-only read and a selective read of the input (Parquet
+and HF skip the unselected rows before converting them; tar and CSV are read whole) and
+``bank_size * bank_oversample`` extra embeddings, whatever the input's size. The bank
+pass's failures are not reported: the main pass meets the same records and records them.
+Its counters use the ``capgap_bank`` namespace, the index pass's ``capgap_index``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import apache_beam as beam
 
 from capgap.models.clip_handler import ClipModelConfig
-from capgap.transforms.decode import CaptionConfig, DecodeConfig, DecodeRecords, record_ref
+from capgap.transforms.decode import CaptionConfig, DecodeConfig, DecodeRecords
 from capgap.transforms.read import InputPlan, ReadRecords
 from capgap.transforms.score import EmbedPairs, SampleBank, ScoreConfig, uid_hash
 
@@ -62,13 +65,6 @@ class BankCandidates(beam.PTransform):
         )
 
 
-def is_candidate(element: tuple[str, dict[str, Any]], candidates: dict[str, Any]) -> bool:
-    """The record is a candidate's first-seen copy (a later duplicate never enters the bank)."""
-    uid, record = element
-    ref = candidates.get(uid)
-    return ref is not None and tuple(ref) == record_ref(record)
-
-
 class EmbedBank(beam.PTransform):
     """:class:`FirstRefs` of the input -> the bank dict (for ``AsSingleton``), from a new read."""
 
@@ -89,9 +85,8 @@ class EmbedBank(beam.PTransform):
         model = dataclasses.replace(
             self.model, metrics_namespace=f"{self.model.metrics_namespace}_bank"
         )
-        records = first_refs.pipeline | "Read" >> ReadRecords(self.plan, BANK_NAMESPACE)
-        picked = records | "Pick" >> beam.Filter(
-            is_candidate, candidates=beam.pvalue.AsSingleton(candidates)
+        picked = first_refs.pipeline | "Read" >> ReadRecords(
+            self.plan, BANK_NAMESPACE, select=candidates
         )
         decoded = picked | "Decode" >> DecodeRecords(self.decode, self.caption, BANK_NAMESPACE)
         embedded = decoded.ok | "Embed" >> EmbedPairs(model)

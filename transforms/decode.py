@@ -41,6 +41,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
+from capgap.transforms.read import record_ref
 from capgap.transforms.reasons import Reason, RecordError, Stage
 from capgap.transforms.write import error_row
 
@@ -528,20 +529,12 @@ class _DropDuplicatesFn(beam.DoFn):
         yield element
 
 
-def record_ref(record: dict[str, Any]) -> tuple[str, int]:
-    """Where a record came from: (source shard, row index); the smallest one of a uid is kept."""
-    return record["source"], record["source_index"]
-
-
 class FirstRefs(beam.PTransform):
-    """(uid, record) -> (uid, (number of records, smallest ref)) for every uid."""
+    """(uid, ref) pairs (``ReadRecords(index_only=True)``) -> (uid, (number of records,
+    smallest ref)) for every uid."""
 
-    def expand(self, records):
-        return (
-            records
-            | "Refs" >> beam.Map(lambda kv: (kv[0], record_ref(kv[1])))
-            | "FirstRef" >> beam.CombinePerKey(_FirstRef())
-        )
+    def expand(self, refs):
+        return refs | "FirstRef" >> beam.CombinePerKey(_FirstRef())
 
 
 class DropDuplicateUids(beam.PTransform):
@@ -560,7 +553,8 @@ class DropDuplicateUids(beam.PTransform):
     def expand(self, records):
         first_refs = self.first_refs
         if first_refs is None:
-            first_refs = records | "Index" >> FirstRefs()
+            refs = records | "Refs" >> beam.Map(lambda kv: (kv[0], record_ref(kv[1])))
+            first_refs = refs | "Index" >> FirstRefs()
         duplicates = (
             first_refs
             | "OnlyRepeated" >> beam.Filter(lambda kv: kv[1][0] > 1)

@@ -440,16 +440,62 @@ def _error(reason: Reason, err: BaseException | str, error_class: str | None = N
     return (reason.value, error_class or "ReadError", err)
 
 
-class _ReadFn(beam.DoFn):
-    """Shared bookkeeping of the readers: uid choice, image-root choice, counters."""
+def record_ref(record: dict[str, Any]) -> tuple[str, int]:
+    """Where a record came from: (source shard, row index); the smallest one of a uid is kept."""
+    return record["source"], record["source_index"]
 
-    def __init__(self, plan: InputPlan, namespace: str = "capgap") -> None:
+
+def selection(refs: dict[str, Any] | None) -> dict[str, frozenset[int]] | None:
+    """``{uid: (source, index)}`` -> ``{source: indices}`` (None: no selection)."""
+    if refs is None:
+        return None
+    by_source: dict[str, set[int]] = {}
+    for source, index in refs.values():
+        by_source.setdefault(source, set()).add(int(index))
+    return {source: frozenset(indices) for source, indices in by_source.items()}
+
+
+class _ReadFn(beam.DoFn):
+    """Shared bookkeeping of the readers: uid choice, image-root choice, selection, counters.
+
+    ``index_only``: emit ``(uid, (source, index))`` instead of records, reading no more of
+    each shard than the uids need. ``process``'s ``select`` (a ``{uid: ref}`` dict, from a
+    side input) keeps only the records at those refs; readers of tables skip the other rows
+    before converting them to Python.
+    """
+
+    def __init__(self, plan: InputPlan, namespace: str = "capgap", index_only: bool = False):
         self.plan = plan
         self.namespace = namespace
+        self.index_only = index_only
+        self._select_id: int | None = None
+        self._wanted: dict[str, frozenset[int]] | None = None
 
     def setup(self) -> None:
         self.rows_in = Metrics.counter(self.namespace, "rows_in")
         self.shard_errors = Metrics.counter(self.namespace, "shards_unreadable")
+
+    def process(self, task: Any, select: dict[str, Any] | None = None) -> Iterator[Any]:
+        if select is None:
+            wanted = None
+        else:
+            if self._select_id != id(select):
+                self._select_id, self._wanted = id(select), selection(select)
+            wanted = self._wanted
+        for uid, record in self.records(task, wanted):
+            if wanted is not None and record["source_index"] not in wanted.get(
+                record["source"], ()
+            ):
+                continue
+            self.rows_in.inc()
+            yield (uid, record_ref(record)) if self.index_only else (uid, record)
+
+    def records(
+        self, task: Any, wanted: dict[str, frozenset[int]] | None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(uid, record) for every row of one task (a shard, or an HF index range); readers
+        may leave out rows that ``wanted`` does not name."""
+        raise NotImplementedError
 
     def _root(self, path: str) -> str:
         return self.plan.config.image_root or posixpath.dirname(path) or "."
@@ -462,7 +508,6 @@ class _ReadFn(beam.DoFn):
         return str(value)
 
     def _emit(self, **kwargs: Any) -> tuple[str, dict[str, Any]]:
-        self.rows_in.inc()
         record = make_record(**kwargs)
         _make_encodable(record)
         return record["uid"], record
@@ -534,19 +579,43 @@ class _TableRows:
                 )
         self.uid_col = plan.uid_column if plan.uid_column in names else None
 
-    def rows(self, batch: pa.RecordBatch | pa.Table, start: int) -> Iterator[tuple[str, dict]]:
+    @property
+    def index_columns(self) -> list[str]:
+        """The columns an index-only read needs (the uid column, if the shard has one)."""
+        return [self.uid_col] if self.uid_col else []
+
+    def rows(
+        self,
+        batch: pa.RecordBatch | pa.Table,
+        start: int,
+        wanted: dict[str, frozenset[int]] | None = None,
+    ) -> Iterator[tuple[str, dict]]:
+        """Records of rows ``start ..`` of the shard; only those ``wanted`` names, if given."""
         plan = self.plan
-        n = batch.num_rows
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        positions = range(start, start + table.num_rows)
+        if wanted is not None:
+            keep = wanted.get(self.source, frozenset())
+            picked = [i for i, index in enumerate(positions) if index in keep]
+            if not picked:
+                return
+            table, positions = table.take(picked), [positions[i] for i in picked]
+        n = table.num_rows
         uids = _pylist(table.column(self.uid_col)) if self.uid_col else [None] * n
+        if self.fn.index_only:
+            for uid, index in zip(uids, positions, strict=True):
+                yield self.fn._emit(
+                    uid=self.fn._uid(uid, self.source, index), source=self.source, index=index
+                )
+            return
         columns, cast_problem = self._passthrough(table)
         if self.problems or cast_problem:
             reason, message = self.problems[0] if self.problems else cast_problem
-            for i in range(n):
+            for uid, index in zip(uids, positions, strict=True):
                 yield self.fn._emit(
-                    uid=self.fn._uid(uids[i], self.source, start + i),
+                    uid=self.fn._uid(uid, self.source, index),
                     source=self.source,
-                    index=start + i,
+                    index=index,
                     error=(reason.value, "SchemaError", message),
                 )
             return
@@ -556,12 +625,12 @@ class _TableRows:
         )
         images = _pylist(image_column, raw=not is_text)
         captions = _pylist(table.column(plan.caption_column), raw=True)
-        for i in range(n):
+        for i, index in enumerate(positions):
             data, path, problem = _image_value(images[i])
             kwargs: dict[str, Any] = {
-                "uid": self.fn._uid(uids[i], self.source, start + i),
+                "uid": self.fn._uid(uids[i], self.source, index),
                 "source": self.source,
-                "index": start + i,
+                "index": index,
                 "caption": captions[i],
                 "columns": {name: col[i] for name, col in columns.items()},
             }
@@ -569,6 +638,20 @@ class _TableRows:
                 kwargs["error"] = (Reason.COLUMN_TYPE_INVALID.value, "SchemaError", problem)
             yield self.fn._emit(
                 image=data, image_path=path, image_root=self.fn._root(self.path), **kwargs
+            )
+
+    def unreadable(
+        self, start: int, n: int, err: BaseException, uids: list[Any] | None
+    ) -> Iterator[tuple[str, dict]]:
+        """Error records for ``n`` rows that exist but cannot be read (``uids``: their uid
+        column, when it alone could be read; else the uids are derived)."""
+        for i in range(n):
+            value = uids[i] if uids is not None else None
+            yield self.fn._emit(
+                uid=self.fn._uid(value, self.source, start + i),
+                source=self.source,
+                index=start + i,
+                error=_error(Reason.RECORD_UNREADABLE, err),
             )
 
     def _passthrough(self, table: pa.Table) -> tuple[dict[str, list], tuple[Reason, str] | None]:
@@ -593,7 +676,7 @@ class _TableRows:
 class ReadParquetFn(_ReadFn):
     """One Parquet shard -> records, row group by row group."""
 
-    def process(self, path: str) -> Iterator[tuple[str, dict]]:
+    def records(self, path: str, wanted=None) -> Iterator[tuple[str, dict]]:
         source = relative_name(path, self.plan.base_dir)
         try:
             fh = FileSystems.open(path, compression_type="uncompressed")
@@ -608,25 +691,35 @@ class ReadParquetFn(_ReadFn):
                 yield self._shard_error(path, Reason.SHARD_UNREADABLE, err)
                 return
             reader = _TableRows(self, path, source, schema)
+            columns = reader.index_columns if self.index_only else None
+            keep = None if wanted is None else wanted.get(source, frozenset())
             start = 0
             for group in range(pf.num_row_groups):
                 n = pf.metadata.row_group(group).num_rows
+                if keep is not None and not any(start <= i < start + n for i in keep):
+                    start += n
+                    continue
                 try:
-                    table = pf.read_row_group(group)
+                    table = pf.read_row_group(group, columns=columns)
                 except (OSError, pa.ArrowException, ValueError, EOFError) as err:
-                    # The group's rows exist but cannot be read: one error row per row.
-                    for i in range(n):
-                        yield self._emit(
-                            uid=derived_uid(source, start + i),
-                            source=source,
-                            index=start + i,
-                            error=_error(Reason.RECORD_UNREADABLE, err),
-                        )
+                    # The group's rows exist but cannot be read: one error row per row, under
+                    # its uid when the uid column alone can be read (as an index-only read
+                    # of the same shard sees it).
+                    yield from reader.unreadable(start, n, err, self._uids(pf, group, reader))
                     start += n
                     continue
                 for batch in table.to_batches(max_chunksize=self.plan.config.batch_rows):
-                    yield from reader.rows(batch, start)
+                    yield from reader.rows(batch, start, wanted)
                     start += batch.num_rows
+
+    @staticmethod
+    def _uids(pf: pq.ParquetFile, group: int, reader: _TableRows) -> list[Any] | None:
+        if not reader.uid_col:
+            return None
+        try:
+            return _pylist(pf.read_row_group(group, columns=reader.index_columns).column(0))
+        except (OSError, pa.ArrowException, ValueError, EOFError):
+            return None
 
 
 class ReadHfFn(_ReadFn):
@@ -646,7 +739,7 @@ class ReadHfFn(_ReadFn):
             self._ds = ds.with_format("arrow")
         return self._ds
 
-    def process(self, task: tuple[int, int]) -> Iterator[tuple[str, dict]]:
+    def records(self, task: tuple[int, int], wanted=None) -> Iterator[tuple[str, dict]]:
         start, stop = task
         path = self.plan.pattern
         source = posixpath.basename(path.rstrip("/"))
@@ -658,27 +751,24 @@ class ReadHfFn(_ReadFn):
             yield self._shard_error(path, Reason.SHARD_UNREADABLE, err, index=start)
             return
         reader = _TableRows(self, path, source, ds.features.arrow_schema)
+        keep = None if wanted is None else wanted.get(source, frozenset())
         step = self.plan.config.batch_rows
         for lo in range(start, stop, step):
             hi = min(lo + step, stop)
-            try:
-                table = ds[lo:hi]
-            except (OSError, pa.ArrowException, ValueError) as err:
-                for i in range(lo, hi):
-                    yield self._emit(
-                        uid=derived_uid(source, i),
-                        source=source,
-                        index=i,
-                        error=_error(Reason.RECORD_UNREADABLE, err),
-                    )
+            if keep is not None and not any(lo <= i < hi for i in keep):
                 continue
-            yield from reader.rows(table, lo)
+            try:
+                table = ds[lo:hi]  # Arrow, memory-mapped: only converted rows cost
+            except (OSError, pa.ArrowException, ValueError) as err:
+                yield from reader.unreadable(lo, hi - lo, err, None)
+                continue
+            yield from reader.rows(table, lo, wanted)
 
 
 class ReadCsvFn(_ReadFn):
     """One CSV / TSV shard (image path + caption columns) -> records."""
 
-    def process(self, path: str) -> Iterator[tuple[str, dict]]:
+    def records(self, path: str, wanted=None) -> Iterator[tuple[str, dict]]:
         plan = self.plan
         source = relative_name(path, plan.base_dir)
         try:
@@ -781,7 +871,7 @@ def _split_member(name: str) -> tuple[str, str]:
 class ReadTarFn(_ReadFn):
     """One WebDataset / img2dataset tar shard (key.jpg + key.txt + key.json) -> records."""
 
-    def process(self, path: str) -> Iterator[tuple[str, dict]]:
+    def records(self, path: str, wanted=None) -> Iterator[tuple[str, dict]]:
         source = relative_name(path, self.plan.base_dir)
         try:
             fh = FileSystems.open(path, compression_type="uncompressed")
@@ -873,27 +963,40 @@ class ReadRecords(beam.PTransform):
 
     ``namespace`` is the counters' (``rows_in``, ``shards_unreadable``): ``capgap curate``
     reads its input three times (index, bank, main pass) and counts only the main pass
-    under ``capgap``.
+    under ``capgap``. ``index_only``: ``(uid, (source, index))`` pairs instead, from as
+    little of each shard as the uids need (Parquet: the uid column). ``select``: a
+    singleton PCollection of ``{uid: (source, index)}``; only the records at those refs
+    are read (tables skip the other rows before converting them).
     """
 
-    def __init__(self, plan: InputPlan, namespace: str = "capgap") -> None:
+    def __init__(
+        self,
+        plan: InputPlan,
+        namespace: str = "capgap",
+        *,
+        index_only: bool = False,
+        select: beam.PCollection | None = None,
+    ) -> None:
         super().__init__()
         self.plan = plan
         self.namespace = namespace
+        self.index_only = index_only
+        self.select = select
 
     def expand(self, pbegin):
         plan = self.plan
         if plan.format == "hf":
             step = plan.config.hf_rows_per_task
             tasks = [(lo, min(lo + step, plan.hf_rows)) for lo in range(0, plan.hf_rows, step)]
-            fn: _ReadFn = ReadHfFn(plan, self.namespace)
+            fn: _ReadFn = ReadHfFn(plan, self.namespace, self.index_only)
         else:
             tasks = [path for path, _, _ in plan.files]
             reader = {"parquet": ReadParquetFn, "csv": ReadCsvFn, "webdataset": ReadTarFn}
-            fn = reader[plan.format](plan, self.namespace)
+            fn = reader[plan.format](plan, self.namespace, self.index_only)
+        side = {} if self.select is None else {"select": beam.pvalue.AsSingleton(self.select)}
         return (
             pbegin
             | "Shards" >> beam.Create(tasks)
             | "SpreadShards" >> beam.Reshuffle()
-            | "ReadShards" >> beam.ParDo(fn)
+            | "ReadShards" >> beam.ParDo(fn, **side)
         )

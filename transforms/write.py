@@ -124,7 +124,9 @@ def record_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatc
     """
     arrays = []
     for name, tp in zip(schema.names, schema.types, strict=True):
-        values = [row[name] if name in row else (row.get("columns") or {}).get(name) for row in rows]
+        values = [
+            row[name] if name in row else (row.get("columns") or {}).get(name) for row in rows
+        ]
         arrays.append(pa.array(values, type=tp))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
