@@ -162,7 +162,8 @@ def load_embedder(cfg: ClipModelConfig) -> ClipEmbedder:
 
 
 class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
-    """RunInference handler: decoded pair dict -> {image_embedding, text_embedding, logit_scale}."""
+    """RunInference handler: decoded pair dict -> {image_embedding, text_embedding, logit_scale,
+    finite (both embeddings free of NaN / inf)}."""
 
     def __init__(self, cfg: ClipModelConfig) -> None:
         super().__init__(
@@ -184,10 +185,16 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
     ) -> Iterable[PredictionResult]:
         img, txt, scale = model.embed([p["pixels"] for p in batch], [p["caption"] for p in batch])
         model_id = self.cfg.model_id()
+        finite = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)  # once per batch
         for i, pair in enumerate(batch):
             yield PredictionResult(
                 pair,
-                {"image_embedding": img[i], "text_embedding": txt[i], "logit_scale": scale},
+                {
+                    "image_embedding": img[i],
+                    "text_embedding": txt[i],
+                    "logit_scale": scale,
+                    "finite": bool(finite[i]),
+                },
                 model_id,
             )
 

@@ -29,6 +29,7 @@ from capgap.transforms.score import (
     SampleBank,
     ScoreConfig,
     ScorePairs,
+    _EmbeddedRowFn,
     batch_scores,
     make_bank,
     pair_scores,
@@ -301,3 +302,27 @@ def test_config_validation():
         ClipModelConfig(min_batch_size=8, max_batch_size=4)
     with pytest.raises(ValueError):
         ScoreConfig(bank_size=1)
+
+
+class _NanForOddRows:
+    """An embedder whose odd rows come out NaN (image) or inf (text), as a broken model's."""
+
+    def embed(self, pixels, captions):
+        n = len(pixels)
+        img = np.tile(unit(np.ones(8)), (n, 1)).astype(np.float32)
+        txt = img.copy()
+        img[1::4] = np.nan
+        txt[3::4] = np.inf
+        return img, txt, 20.0
+
+
+def test_non_finite_embeddings_are_flagged_and_go_to_errors():
+    handler = ClipModelHandler(ClipModelConfig())
+    pairs = [dict(p, uid=f"u{i}", source="s", source_index=i) for i, p in enumerate(_pairs(4))]
+    results = list(handler.run_inference(pairs, _NanForOddRows()))
+    assert [r.inference["finite"] for r in results] == [True, False, True, False]
+    outputs = [o for r in results for o in _EmbeddedRowFn().process((r.example["uid"], r))]
+    errors = [o.value for o in outputs if isinstance(o, beam.pvalue.TaggedOutput)]
+    assert [e["uid"] for e in errors] == ["u1", "u3"]
+    assert {e["reason"] for e in errors} == {Reason.EMBEDDING_NONFINITE.value}
+    assert [uid for uid, _ in (o for o in outputs if isinstance(o, tuple))] == ["u0", "u2"]

@@ -40,6 +40,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.transforms.window import GlobalWindows
 
 from capgap.models.clip_handler import ClipModelConfig, ClipModelHandler
 from capgap.transforms.reasons import Reason, Stage
@@ -195,7 +196,7 @@ class _EmbeddedRowFn(beam.DoFn):
         pair = {k: v for k, v in result.example.items() if k != "pixels"}
         inference = result.inference
         img, txt = inference["image_embedding"], inference["text_embedding"]
-        if not (np.all(np.isfinite(img)) and np.all(np.isfinite(txt))):
+        if not inference["finite"]:
             yield beam.pvalue.TaggedOutput(
                 ERRORS_TAG,
                 error_row(
@@ -267,7 +268,12 @@ def make_bank(entries: list[tuple], tau: float | None = None) -> dict[str, Any]:
 
 
 class _ScoreFn(beam.DoFn):
-    """Batches of (uid, row) -> (uid, row with scores); one matrix product per batch."""
+    """(uid, row) -> (uid, row with scores), ``batch_size`` rows per matrix product.
+
+    Rows are buffered here rather than by ``BatchElements``: Beam samples the encoded size
+    of elements, every one of the first few dozen, and a batch of rows (embeddings, image
+    bytes) costs more to encode for that than to score.
+    """
 
     def __init__(self, cfg: ScoreConfig) -> None:
         self.cfg = cfg
@@ -277,7 +283,27 @@ class _ScoreFn(beam.DoFn):
     def setup(self) -> None:
         self.scored = Metrics.counter("capgap", "scored")
 
-    def process(self, batch, bank) -> Iterator[Any]:
+    def start_bundle(self) -> None:
+        self._batch: list[tuple[str, dict[str, Any]]] = []
+        self._bank: dict[str, Any] | None = None
+
+    def process(self, element, bank) -> Iterator[Any]:
+        self._bank = bank
+        self._batch.append(element)
+        if len(self._batch) >= self.cfg.batch_size:
+            yield from self._score()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        # finish_bundle gets no side input; the bank is a global-window singleton, so the
+        # one process() was given holds for the whole bundle.
+        for scored in self._score():
+            yield GlobalWindows.windowed_value_at_end_of_window(scored)
+
+    def _score(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        batch, bank = self._batch, self._bank
+        self._batch = []
+        if not batch:
+            return
         if self._bank_id != id(bank):
             self._bank_id = id(bank)
             self._index = {u: i for i, u in enumerate(bank["uids"])}
@@ -306,12 +332,8 @@ class ScorePairs(beam.PTransform):
         self.bank = bank
 
     def expand(self, rows):
-        size = self.cfg.batch_size
-        return (
-            rows
-            | "Batch" >> beam.BatchElements(min_batch_size=min(size, 16), max_batch_size=size)
-            | "Score" >> beam.ParDo(_ScoreFn(self.cfg), bank=beam.pvalue.AsSingleton(self.bank))
-        )
+        bank = beam.pvalue.AsSingleton(self.bank)
+        return rows | "Score" >> beam.ParDo(_ScoreFn(self.cfg), bank=bank)
 
 
 def bank_summary(bank: dict[str, Any]) -> dict[str, Any]:
