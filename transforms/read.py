@@ -9,6 +9,12 @@ unreadable shard, a corrupt tar member, a missing column or a column of the wron
 type becomes a record that carries an ``error`` (a reason code from
 :mod:`capgap.transforms.reasons`), which decoding routes to ``errors/``.
 
+Two lighter modes serve ``capgap curate``'s side passes (``transforms/bank.py``):
+``index_only`` emits ``(uid, (source, index))`` from as little of each shard as the uids
+need (Parquet: the uid column alone), and ``select`` reads only the records at given refs
+(Parquet and HF skip the other rows before converting them to Python). Both see the same
+uid for every record as a full read, bad rows included.
+
 Paths are anything Beam's ``FileSystems`` understands (local, ``gs://``, ...), with
 globs. The uid is taken from the first present column of ``read.uid_columns``
 (``uid``, ``key``, ...), else derived from the shard's path relative to the
