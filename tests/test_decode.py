@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import unicodedata
 import zlib
 
 import apache_beam as beam
@@ -22,6 +23,7 @@ from capgap.transforms.decode import (
     DecodeConfig,
     DecodeRecords,
     DropDuplicateUids,
+    _visible,
     decode_image,
     decode_record,
     exif_orientation,
@@ -218,6 +220,11 @@ def test_caption_normalisation():
     text, notes = normalise_caption("  a\tred\u00a0\u00a0circle\x00\u200b\nnow ", ccfg)
     assert text == "a red circle now" and notes == []
     assert normalise_caption("cafe\u0301", ccfg)[0] == "caf\u00e9"  # NFC
+    # The printable-ASCII fast path gives what the full path gives.
+    for ascii_text in ("  a red   circle ", "x", "a,b;c (d) [e] {f} 'g' ~!@#$%^&*_+=|<>?/"):
+        assert normalise_caption(ascii_text, ccfg)[0] == " ".join(
+            unicodedata.normalize("NFC", _visible(ascii_text)).split()
+        )
     assert normalise_caption("a \u202eevil".encode(), ccfg)[0] == "a evil"
     assert reason_of(normalise_caption, None, ccfg) is Reason.CAPTION_MISSING
     assert reason_of(normalise_caption, " \t\x00 ", ccfg) is Reason.CAPTION_EMPTY

@@ -93,6 +93,22 @@ _INVISIBLE = frozenset(
 )
 
 
+def _visible(text: str) -> str:
+    """``text`` without invisible formatting characters; control characters become a space
+    (whitespace ones: tab, newline, ...) or nothing. NFC comes after these removals, so an
+    invisible character between a letter and its combining mark cannot keep the pair apart
+    (and normalising twice changes nothing)."""
+    chars = []
+    for ch in text:
+        if ch in _INVISIBLE:
+            continue
+        if unicodedata.category(ch) == "Cc":
+            chars.append(" " if ch.isspace() else "")
+        else:
+            chars.append(ch)
+    return "".join(chars)
+
+
 def normalise_caption(raw: Any, cfg: CaptionConfig) -> tuple[str, list[str]]:
     """(normalised caption, notes). Raises :class:`RecordError` with a caption reason."""
     notes: list[str] = []
@@ -113,18 +129,12 @@ def normalise_caption(raw: Any, cfg: CaptionConfig) -> tuple[str, list[str]]:
         raise RecordError(
             Reason.CAPTION_TYPE_INVALID, f"caption is a {type(raw).__name__}, not text"
         )
-    chars = []
-    for ch in text:
-        if ch in _INVISIBLE:
-            continue
-        category = unicodedata.category(ch)
-        if category == "Cc":
-            chars.append(" " if ch.isspace() else "")
-        else:
-            chars.append(ch)
-    # NFC after the removals, so an invisible character between a letter and its combining
-    # mark cannot keep the pair apart (and normalising twice changes nothing).
-    text = " ".join(unicodedata.normalize("NFC", "".join(chars)).split())
+    if text.isascii() and text.isprintable():
+        # Printable ASCII (most alt-text) holds no control or invisible characters and is
+        # its own NFC form: only the whitespace is left to collapse.
+        text = " ".join(text.split())
+    else:
+        text = " ".join(unicodedata.normalize("NFC", _visible(text)).split())
     if not text:
         raise RecordError(Reason.CAPTION_EMPTY, "caption is empty after normalisation")
     if len(text) > cfg.max_chars:

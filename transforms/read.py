@@ -584,6 +584,7 @@ class _TableRows:
                     )
                 )
         self.uid_col = plan.uid_column if plan.uid_column in names else None
+        self.image_root = fn._root(path)
 
     @property
     def index_columns(self) -> list[str]:
@@ -643,7 +644,7 @@ class _TableRows:
             if problem:
                 kwargs["error"] = (Reason.COLUMN_TYPE_INVALID.value, "SchemaError", problem)
             yield self.fn._emit(
-                image=data, image_path=path, image_root=self.fn._root(self.path), **kwargs
+                image=data, image_path=path, image_root=self.image_root, **kwargs
             )
 
     def unreadable(
