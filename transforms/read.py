@@ -643,9 +643,7 @@ class _TableRows:
             }
             if problem:
                 kwargs["error"] = (Reason.COLUMN_TYPE_INVALID.value, "SchemaError", problem)
-            yield self.fn._emit(
-                image=data, image_path=path, image_root=self.image_root, **kwargs
-            )
+            yield self.fn._emit(image=data, image_path=path, image_root=self.image_root, **kwargs)
 
     def unreadable(
         self, start: int, n: int, err: BaseException, uids: list[Any] | None
