@@ -28,7 +28,8 @@ mean of the bare loop runs just before and after it (this VM's speed drifts by 1
 within a minute), and medians are reported. Prints one JSON line at the end.
 
     python benchmarks/curate_throughput.py                       # micro CLIP, 3,000 + 30,000 rows
-    python benchmarks/curate_throughput.py --model capgap-small-vit --n 1000 --reps 2
+    python benchmarks/curate_throughput.py --model capgap-small-vit --n 3000 --reps 2
+    python benchmarks/curate_throughput.py --device cuda --model capgap-small-vit  # a GPU
 """
 
 from __future__ import annotations
@@ -107,9 +108,7 @@ def bare_loop(
     return done / (time.perf_counter() - start)
 
 
-def curate_argv(
-    pattern: str, output: Path, model: str, batch: int, threads: int, extra=()
-) -> list[str]:
+def curate_argv(pattern: str, output: Path, args: argparse.Namespace) -> list[str]:
     return [
         "--input",
         pattern,
@@ -117,49 +116,40 @@ def curate_argv(
         str(output),
         "--overwrite",
         "--set",
-        f"model.name={model}",
+        f"model.name={args.model}",
         "--set",
-        f"model.max_batch_size={batch}",
+        f"model.device={args.device}",
         "--set",
-        f"model.min_batch_size={batch}",
+        f"model.max_batch_size={args.batch}",
         "--set",
-        f"model.torch_threads={threads or 'null'}",
+        f"model.min_batch_size={args.batch}",
+        "--set",
+        f"model.torch_threads={args.threads or 'null'}",
         "--direct_running_mode=in_memory",
-        *extra,
     ]
 
 
 def pipeline_seconds(pattern: str, output: Path, args: argparse.Namespace, n: int) -> float:
     """Wall seconds of ``capgap curate`` end to end."""
     start = time.perf_counter()
-    manifest = curate.run(curate_argv(pattern, output, args.model, args.batch, args.threads))
+    manifest = curate.run(curate_argv(pattern, output, args))
     elapsed = time.perf_counter() - start
     assert manifest["counts"]["rows_in"] == n, manifest["counts"]
     return elapsed
 
 
-def child_memory(pattern: str, output: str, model: str, batch: int, threads: int) -> None:
+def child_memory(pattern: str, output: str, args: argparse.Namespace) -> None:
     """Run the pipeline once in this (fresh) process; print its peak RSS in MiB."""
-    curate.run(curate_argv(pattern, Path(output), model, batch, threads))
+    curate.run(curate_argv(pattern, Path(output), args))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_rss_mib": peak_kib / 1024.0}))
 
 
-def measure_memory(pattern: str, output: Path, model: str, batch: int, threads: int) -> float:
+def measure_memory(pattern: str, output: Path, args: argparse.Namespace) -> float:
+    flags = ["--model", args.model, "--device", args.device, "--batch", str(args.batch)]
+    flags += ["--threads", str(args.threads)]
     out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--child_memory",
-            pattern,
-            str(output),
-            "--model",
-            model,
-            "--batch",
-            str(batch),
-            "--threads",
-            str(threads),
-        ],
+        [sys.executable, __file__, "--child_memory", pattern, str(output), *flags],
         capture_output=True,
         text=True,
         check=True,
@@ -170,6 +160,7 @@ def measure_memory(pattern: str, output: Path, model: str, batch: int, threads: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="capgap-micro-vit")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (both loops, AMP on CUDA)")
     parser.add_argument("--n", type=int, default=3000, help="rows of the small pipeline run")
     parser.add_argument("--single_n", type=int, default=300, help="rows for the 1-pair loop")
     parser.add_argument("--batch", type=int, default=256)
@@ -186,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     if args.child_memory:
-        child_memory(*args.child_memory, args.model, args.batch, args.threads)
+        child_memory(*args.child_memory, args)
         return 0
     bank_rows = candidate_count(curate.CurateConfig().score)
     if args.n < bank_rows:
@@ -197,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         n_big = args.n * args.scale
         big_pattern = write_split(root / "data_big", n_big)
         pattern = write_split(root / "data", args.n)
-        embedder = ClipEmbedder(ClipModelConfig(name=args.model, torch_threads=args.threads))
+        model_cfg = ClipModelConfig(name=args.model, device=args.device, torch_threads=args.threads)
+        embedder = ClipEmbedder(model_cfg)
         bank = reference_bank(embedder, big_pattern, curate.CurateConfig().score.bank_size)
         bare_loop(embedder, big_pattern, args.batch, bank, limit=args.batch)  # warm-up
         pipeline_seconds(pattern, root / "warmup", args, args.n)  # imports, caches
@@ -227,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         report = {
             "model": args.model,
+            "device": args.device,
             "rows": n_big,
             "threads": args.threads,
             "pairs_per_s": {k: round(v, 1) for k, v in median.items()},
@@ -245,12 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_memory:
             small = write_split(root / "mem_small", args.memory_n)
             large = write_split(root / "mem_large", args.memory_n * args.memory_factor)
-            base = measure_memory(
-                small, root / "mem_out_small", args.model, args.batch, args.threads
-            )
-            big = measure_memory(
-                large, root / "mem_out_large", args.model, args.batch, args.threads
-            )
+            base = measure_memory(small, root / "mem_out_small", args)
+            big = measure_memory(large, root / "mem_out_large", args)
             report["peak_rss_mib"] = {
                 str(args.memory_n): round(base, 1),
                 str(args.memory_n * args.memory_factor): round(big, 1),
