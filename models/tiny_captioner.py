@@ -5,11 +5,11 @@ synthetic world's vocabulary (``pipeline/world.py``) wrapped in
 ``PreTrainedTokenizerFast``, a ``ViTImageProcessor``, and a
 ``VisionEncoderDecoderModel`` whose encoder is a small timm XCiT (through
 transformers' ``TimmWrapperModel``; any other timm token model, a plain ViT or
-Swin on request) and whose decoder
-is a small GPT-2 with cross-attention. ``save_captioner`` writes all three with
-``save_pretrained`` (plus a ``TrOCRProcessor`` config tying image processor and
-tokenizer together), so the result loads through the same Auto-class code path
-as any Hugging Face captioner (``capgap.models.captioner.HFCaptioner``).
+Swin on request) and whose decoder is a small GPT-2 with cross-attention.
+``save_captioner`` writes all three with ``save_pretrained`` (plus a
+``TrOCRProcessor`` config tying image processor and tokenizer together), so the
+result loads through the same Auto-class code path as any Hugging Face captioner
+(``capgap.models.captioner.HFCaptioner``).
 
     tok = build_tokenizer()
     model = build_model(TinyCaptionerSpec(), tok)

@@ -461,6 +461,11 @@ def selection(refs: dict[str, Any] | None) -> dict[str, frozenset[int]] | None:
     return {source: frozenset(indices) for source, indices in by_source.items()}
 
 
+def _wants_range(keep: frozenset[int] | None, lo: int, hi: int) -> bool:
+    """Whether rows ``lo .. hi - 1`` of a shard hold one of ``keep`` (None: every row is wanted)."""
+    return keep is None or any(lo <= i < hi for i in keep)
+
+
 class _ReadFn(beam.DoFn):
     """Shared bookkeeping of the readers: uid choice, image-root choice, selection, counters.
 
@@ -701,7 +706,7 @@ class ReadParquetFn(_ReadFn):
             start = 0
             for group in range(pf.num_row_groups):
                 n = pf.metadata.row_group(group).num_rows
-                if keep is not None and not any(start <= i < start + n for i in keep):
+                if not _wants_range(keep, start, start + n):
                     start += n
                     continue
                 try:
@@ -760,7 +765,7 @@ class ReadHfFn(_ReadFn):
         step = self.plan.config.batch_rows
         for lo in range(start, stop, step):
             hi = min(lo + step, stop)
-            if keep is not None and not any(lo <= i < hi for i in keep):
+            if not _wants_range(keep, lo, hi):
                 continue
             try:
                 table = ds[lo:hi]  # Arrow, memory-mapped: only converted rows cost
