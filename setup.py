@@ -13,6 +13,7 @@ from setuptools import setup
 
 PACKAGE_DIRS = {
     "capgap": "capgap",
+    "capgap.core": "capgap/core",
     "capgap.pipeline": "pipeline",
     "capgap.transforms": "transforms",
     "capgap.models": "models",

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from capgap.core import world
+from capgap.core.config import load_config
 from capgap.models.captioner import CaptionerConfig, load_captioner
 from capgap.models.recaption_handler import RecaptionModelHandler, decode_image
-from capgap.pipeline import synth, world
-from capgap.pipeline.config import load_config
+from capgap.pipeline import synth
 from capgap.pipeline.train_captioner import (
     attribute_accuracy,
     load_train_config,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from capgap.core.config import load_config
 from capgap.pipeline import demo
-from capgap.pipeline.config import load_config
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from capgap.core.config import load_config
 from capgap.pipeline import check_scores, demo
-from capgap.pipeline.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,8 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-from capgap.pipeline import synth, world
+from capgap.core import world
+from capgap.pipeline import synth
 
 TARGET_PAIRS_PER_S = 2000.0
 

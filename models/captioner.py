@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from capgap.core.device import resolve_device
+
 # Files whose bytes are hashed in full; larger ones are hashed by size + first/last chunk.
 _FULL_HASH_LIMIT = 64 * 1024 * 1024
 _EDGE_BYTES = 4 * 1024 * 1024
@@ -120,23 +122,6 @@ class Captioner(abc.ABC):
                 )
             )
         return out
-
-
-def resolve_device(name: str):
-    """A ``torch.device``; raises when an accelerator is asked for and absent (no fallback)."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
-        index = torch.device(name).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {name!r}: only {torch.cuda.device_count()} CUDA devices")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("device 'mps' was asked for but MPS is not available")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str):

@@ -32,6 +32,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from capgap.core.device import resolve_device
+
 Tokenizer = Callable[..., torch.Tensor]
 
 # Weights an open_clip model may legitimately lack in a checkpoint when we add them on purpose
@@ -53,16 +55,6 @@ def list_architectures() -> list[str]:
     """Every architecture name ``create_clip`` accepts (open_clip's and ours)."""
     register_model_configs()
     return open_clip.list_models()
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """``torch.device(device)``, failing loudly when CUDA is asked for and absent."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available here")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {str(device)!r} requested but MPS is not available here")
-    return dev
 
 
 def is_checkpoint_path(pretrained: str | os.PathLike | None) -> bool:
@@ -180,7 +172,7 @@ def create_clip(
     ``model_kwargs`` go to the open_clip model constructor, e.g. ``init_logit_bias=-10.0``.
     """
     register_model_configs()
-    dev = check_device(device)
+    dev = resolve_device(device)
     name = model_name
     if open_clip.get_model_config(name) is None and not name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(

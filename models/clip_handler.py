@@ -101,9 +101,10 @@ class ClipEmbedder:
     def __init__(self, cfg: ClipModelConfig) -> None:
         import torch
 
-        from capgap.models.clip_factory import check_device, create_clip, load_run
+        from capgap.core.device import resolve_device
+        from capgap.models.clip_factory import create_clip, load_run
 
-        self.device = check_device(cfg.device)  # raises when CUDA is asked for and absent
+        self.device = resolve_device(cfg.device)  # raises when CUDA is asked for and absent
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         if cfg.run_dir:

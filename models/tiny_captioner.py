@@ -1,7 +1,7 @@
 """The embedded default captioner: a small conv encoder + GPT-2 VisionEncoderDecoder, its tokenizer.
 
 Everything is built from configs (no downloads): a word-level tokenizer over the
-synthetic world's vocabulary (``pipeline/world.py``) wrapped in
+synthetic world's vocabulary (``capgap/core/world.py``) wrapped in
 ``PreTrainedTokenizerFast``, a ``ViTImageProcessor``, and a
 ``VisionEncoderDecoderModel`` whose encoder is a small timm XCiT (through
 transformers' ``TimmWrapperModel``; any other timm token model, a plain ViT or
@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capgap.pipeline import world
+from capgap.core import world
 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK)

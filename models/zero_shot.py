@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from capgap.core import world
 from capgap.models.metrics import ArrayLike, l2_normalize
-from capgap.pipeline import world
 
 
 def default_templates() -> dict[str, list[str]]:

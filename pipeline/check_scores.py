@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from capgap.pipeline import world
-from capgap.pipeline.config import ConfigError, add_config_args, config_from_args
+from capgap.core import world
+from capgap.core.config import ConfigError, add_config_args, config_from_args
 
 N_ATTRIBUTES = len(world.ATTRIBUTE_NAMES)
 

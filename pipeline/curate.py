@@ -41,12 +41,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
-import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from capgap.models.clip_handler import ClipModelConfig, model_fingerprint
-from capgap.pipeline.config import (
+from capgap.core.config import (
     ConfigError,
     add_config_args,
     config_from_args,
@@ -55,38 +53,28 @@ from capgap.pipeline.config import (
     resolve_config_path,
     to_dict,
 )
+from capgap.models.clip_handler import ClipModelConfig, model_fingerprint
 from capgap.transforms.accounting import CountOutcomes, counter_values, format_counters
-from capgap.transforms.bank import INDEX_NAMESPACE, EmbedBank
+from capgap.transforms.bank import INDEX_NAMESPACE, EmbedBank, bank_summary
 from capgap.transforms.decide import RECAPTION, Decide, DecideConfig
-from capgap.transforms.decode import (
-    CaptionConfig,
-    DecodeConfig,
-    DecodeRecords,
-    DropDuplicateUids,
-    FirstRefs,
-)
+from capgap.transforms.decode import CaptionConfig, DecodeConfig, DecodeRecords
+from capgap.transforms.dedup import DropDuplicateUids, FirstRefs
+from capgap.transforms.embed import EmbedPairs
 from capgap.transforms.read import ReadConfig, ReadRecords, discover
-from capgap.transforms.score import EmbedPairs, ScoreConfig, ScorePairs, bank_summary
-from capgap.transforms.write import (
+from capgap.transforms.recaption import Recaption, RecaptionConfig
+from capgap.transforms.schema import (
     CURATED,
     ERRORS,
     ERRORS_SCHEMA,
     MANIFEST,
     REJECTED,
-    WriteManifestFn,
-    WriteParquet,
-    clear_outputs,
+    recaption_fields,
     row_schema,
 )
+from capgap.transforms.score import ScoreConfig, ScorePairs
+from capgap.transforms.write import WriteManifestFn, WriteParquet, clear_outputs
 
 LOG = logging.getLogger("capgap.curate")
-
-#: Columns the recaption stage adds to curated rows (None when it did not run).
-RECAPTION_FIELDS = [
-    pa.field("recaption_status", pa.string(), nullable=True),
-    pa.field("gate_clip_score_new", pa.float32(), nullable=True),
-    pa.field("gate_clip_score_original", pa.float32(), nullable=True),
-]
 
 
 @dataclass
@@ -145,20 +133,8 @@ class CurateOptions(PipelineOptions):
 # --- recaption wiring ------------------------------------------------------------------------
 
 
-def recaption_available() -> bool:
-    try:
-        import capgap.transforms.recaption  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def recaption_stage_config(switch: RecaptionSwitch):
-    """The RecaptionConfig for ``recaption.stage`` (None when the module is absent)."""
-    if not recaption_available():
-        return None
-    from capgap.transforms.recaption import RecaptionConfig
-
+def recaption_stage_config(switch: RecaptionSwitch) -> RecaptionConfig:
+    """The RecaptionConfig for ``recaption.stage``; unknown or ill-typed keys raise."""
     return from_dict(RecaptionConfig, switch.stage, prefix="recaption.stage.")
 
 
@@ -193,9 +169,7 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     plan = discover(cfg.read, cfg.input)
     model_cfg = cfg.model_config()
     stage_cfg = recaption_stage_config(cfg.recaption) if cfg.recaption.enabled else None
-    recaption_on = cfg.recaption.enabled and stage_cfg is not None
-    if cfg.recaption.enabled and stage_cfg is None:
-        LOG.warning("recaption.enabled but transforms/recaption.py is absent: rows stay marked")
+    recaption_on = stage_cfg is not None
 
     # Index and bank come from reads of their own (transforms/bank.py), so the main pass
     # below runs from read to write without holding rows at a barrier.
@@ -210,8 +184,6 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     decided = scored | "Decide" >> Decide(cfg.decide, recaption_stage=recaption_on)
 
     if recaption_on:
-        from capgap.transforms.recaption import Recaption
-
         recaptioned = decided[RECAPTION] | "Recaption" >> Recaption(stage_cfg)
         curated = (decided["keep"], recaptioned) | "Curated" >> beam.Flatten()
     else:
@@ -223,7 +195,8 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
         embedded[ERRORS],
     ) | "Errors" >> beam.Flatten()
 
-    curated_schema = row_schema(plan.passthrough, RECAPTION_FIELDS)
+    extra = recaption_fields(stage_cfg.output_column if stage_cfg else "caption")
+    curated_schema = row_schema(plan.passthrough, extra)
     rejected_schema = row_schema(plan.passthrough)
     files = {
         CURATED: curated
@@ -261,7 +234,6 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
         "recaption": {
             "enabled": cfg.recaption.enabled,
             "ran": recaption_on,
-            "available": recaption_available(),
         },
         "packages": _package_versions(),
         "runner": str(p.options.view_as(StandardOptions).runner or "DirectRunner"),

@@ -32,14 +32,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from capgap.pipeline import curate, synth
-from capgap.pipeline.config import (
+from capgap.core.config import (
     ConfigError,
     add_config_args,
     config_from_args,
     load_config,
     save_resolved,
 )
+from capgap.pipeline import curate, synth
 from capgap.pipeline.evaluate import EvalConfig, evaluate
 from capgap.pipeline.jobs import run_side_by_side
 from capgap.pipeline.report import ReportConfig, make_report

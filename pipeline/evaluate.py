@@ -37,9 +37,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from capgap.core import world
+from capgap.core.config import ConfigError, add_config_args, config_from_args, save_resolved
 from capgap.models import metrics, robustness, zero_shot
-from capgap.pipeline import world
-from capgap.pipeline.config import ConfigError, add_config_args, config_from_args, save_resolved
 
 
 @dataclass

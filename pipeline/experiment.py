@@ -29,14 +29,14 @@ import numpy as np
 import yaml
 from scipy.stats import spearmanr
 
-from capgap.pipeline import synth
-from capgap.pipeline.config import (
+from capgap.core.config import (
     ConfigError,
     add_config_args,
     config_from_args,
     save_resolved,
     to_dict,
 )
+from capgap.pipeline import synth
 from capgap.pipeline.evaluate import EvalConfig, evaluate
 from capgap.pipeline.jobs import run_side_by_side
 from capgap.pipeline.train import DataConfig, TrainConfig, train

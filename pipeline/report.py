@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from capgap.pipeline.config import ConfigError, add_config_args, config_from_args, save_resolved
+from capgap.core.config import ConfigError, add_config_args, config_from_args, save_resolved
 
 # Metric keys of the side-by-side table (rows); a key a run lacks shows as "-".
 DEFAULT_KEYS = [

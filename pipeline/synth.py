@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from capgap.pipeline import world
-from capgap.pipeline.config import ConfigError, add_config_args, config_from_args, save_resolved
+from capgap.core import world
+from capgap.core.config import ConfigError, add_config_args, config_from_args, save_resolved
 
 A = len(world.ATTRIBUTE_NAMES)
 

@@ -37,9 +37,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from capgap.models.clip_factory import check_device, create_clip, save_checkpoint
+from capgap.core.config import ConfigError, add_config_args, config_from_args, save_resolved
+from capgap.core.device import resolve_device
+from capgap.models.clip_factory import create_clip, save_checkpoint
 from capgap.models.losses import build_loss
-from capgap.pipeline.config import ConfigError, add_config_args, config_from_args, save_resolved
 from capgap.pipeline.parquet_data import ParquetPairs, expand_globs
 
 
@@ -219,7 +220,7 @@ def append_metrics(path: Path, record: dict) -> None:
 
 def train(cfg: TrainConfig) -> Path:
     """Train as configured; returns out_dir (with model.safetensors, config.yaml, metrics.jsonl)."""
-    device = check_device(cfg.device)
+    device = resolve_device(cfg.device)
     out = prepare_out_dir(cfg)
     save_resolved(cfg, out)
     metrics_path = out / "metrics.jsonl"

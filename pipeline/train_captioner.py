@@ -30,15 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-from capgap.models.tiny_captioner import TinyCaptionerSpec
-from capgap.pipeline import world
-from capgap.pipeline.config import (
+from capgap.core import world
+from capgap.core.config import (
     ConfigError,
     add_config_args,
     config_from_args,
     load_config,
     save_resolved,
 )
+from capgap.core.device import resolve_device
+from capgap.models.tiny_captioner import TinyCaptionerSpec
 
 
 @dataclass
@@ -187,14 +188,6 @@ def _encode_captions(tokenizer, captions: Sequence[str], max_length: int):
     return labels
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
-    return torch.device(name)
-
-
 def train_captioner(cfg: TrainCaptionerConfig) -> Path:
     """Train the embedded captioner as configured; returns the saved model folder."""
     import torch
@@ -202,7 +195,7 @@ def train_captioner(cfg: TrainCaptionerConfig) -> Path:
 
     from capgap.models import tiny_captioner as tc
 
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

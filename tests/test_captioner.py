@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from capgap.core import world
 from capgap.models import tiny_captioner as tc
 from capgap.models.captioner import (
     CaptionerConfig,
@@ -28,7 +29,7 @@ from capgap.models.captioner import (
     load_captioner,
     pick_auto_class,
 )
-from capgap.pipeline import synth, world
+from capgap.pipeline import synth
 
 CAPTIONS = ("a red circle", "a blue square")
 WORDS = [
@@ -435,7 +436,7 @@ def _write_split(folder: Path, split: str, n: int) -> Path:
 
 
 def test_train_captioner_saves_a_loadable_hf_model(tmp_path):
-    from capgap.pipeline.config import load_config
+    from capgap.core.config import load_config
     from capgap.pipeline.train_captioner import TrainCaptionerConfig, main, train_captioner
 
     seed = _write_split(tmp_path / "seed", "seed", 48)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from capgap.pipeline.config import (
+from capgap.core.config import (
     ConfigError,
     add_config_args,
     config_from_args,

@@ -226,7 +226,7 @@ def test_recaption_stage_is_wired_behind_the_switch(mixed_input, tmp_path, monke
     assert all(r["caption"] == "a dense caption of " + r["original_caption"] for r in marked)
     kept = [r for r in rows if r["decision"] == "keep"]
     assert all(r["caption_source"] == "original" and r["recaption_status"] is None for r in kept)
-    assert manifest["recaption"] == {"enabled": True, "ran": True, "available": True}
+    assert manifest["recaption"] == {"enabled": True, "ran": True}
 
 
 def test_bad_config_is_rejected_before_running(tmp_path):

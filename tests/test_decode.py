@@ -22,7 +22,6 @@ from capgap.transforms.decode import (
     CaptionConfig,
     DecodeConfig,
     DecodeRecords,
-    DropDuplicateUids,
     _visible,
     decode_image,
     decode_record,
@@ -30,6 +29,7 @@ from capgap.transforms.decode import (
     normalise_caption,
     resolve_image_path,
 )
+from capgap.transforms.dedup import DropDuplicateUids
 from capgap.transforms.read import make_record
 from capgap.transforms.reasons import Reason, RecordError
 

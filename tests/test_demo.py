@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from capgap.core.config import load_config
 from capgap.pipeline import demo
-from capgap.pipeline.config import load_config
 
 
 def test_quick_demo_runs_end_to_end(tmp_path):

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
+from capgap.core import world
+from capgap.core.config import ConfigError, load_config
 from capgap.models import metrics, zero_shot
 from capgap.models.clip_factory import create_clip, save_checkpoint
 from capgap.pipeline import evaluate as ev
-from capgap.pipeline import world
-from capgap.pipeline.config import ConfigError, load_config
 from capgap.pipeline.synth import SynthConfig
 from capgap.pipeline.synth import run as synth_run
 

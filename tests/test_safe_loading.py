@@ -216,7 +216,7 @@ def test_captioner_passes_the_trust_flag(tmp_path, monkeypatch, flag):
 
 
 def test_curate_recaption_defaults_to_no_remote_code():
-    from capgap.pipeline.config import from_dict
+    from capgap.core.config import from_dict
     from capgap.transforms.recaption import RecaptionConfig
 
     cfg = from_dict(RecaptionConfig, {}, prefix="recaption.stage.")

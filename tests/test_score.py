@@ -14,6 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from capgap.models.clip_handler import ClipModelConfig, ClipModelHandler, model_fingerprint
+from capgap.transforms.bank import SampleBank, make_bank, uid_hash
 from capgap.transforms.decide import (
     DecideConfig,
     Rule,
@@ -24,17 +25,9 @@ from capgap.transforms.decide import (
     resolve_thresholds,
     score_bin,
 )
+from capgap.transforms.embed import _EmbeddedRowFn
 from capgap.transforms.reasons import Reason
-from capgap.transforms.score import (
-    SampleBank,
-    ScoreConfig,
-    ScorePairs,
-    _EmbeddedRowFn,
-    batch_scores,
-    make_bank,
-    pair_scores,
-    uid_hash,
-)
+from capgap.transforms.score import ScoreConfig, ScorePairs, batch_scores, pair_scores
 
 
 def unit(v):

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capgap.pipeline import synth, world
+from capgap.core import world
+from capgap.pipeline import synth
 
 
 def _make(split: str = "web", n: int = 400, **split_overrides) -> list[dict]:

@@ -17,8 +17,6 @@ normalised RGB image; ``decode_notes`` records what was done.
 Captions: bytes must be UTF-8; NFC; control and invisible formatting characters
 removed; whitespace collapsed; length bounded.
 
-:class:`DropDuplicateUids` keeps the first record (by source, row index) of each uid.
-
     python -m capgap.transforms.decode IMAGE_FILE   # decode one file, print the result
 """
 
@@ -27,7 +25,6 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-import re
 import sys
 import unicodedata
 import warnings
@@ -41,11 +38,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
-from capgap.transforms.read import record_ref
-from capgap.transforms.reasons import Reason, RecordError, Stage
-from capgap.transforms.write import error_row
-
-ERRORS_TAG = "errors"
+from capgap.transforms.reasons import Reason, RecordError, Stage, error_row, exception_message
+from capgap.transforms.schema import ERRORS
 
 
 @dataclass
@@ -220,17 +214,8 @@ def to_rgb(
         ) from err
 
 
-_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
-
-
-def _message(err: BaseException) -> str:
-    """An exception's text without object reprs (they carry memory addresses, which would
-    make errors/ rows differ between runs over the same input)."""
-    return _ADDRESS.sub("<data>", str(err)) or type(err).__name__
-
-
 def _pil_error(reason: Reason, err: BaseException) -> RecordError:
-    return RecordError(reason, _message(err), type(err).__name__)
+    return RecordError(reason, exception_message(err), type(err).__name__)
 
 
 def _classify_load_error(err: BaseException) -> Reason:
@@ -463,14 +448,18 @@ class DecodeFn(beam.DoFn):
         except RecordError as err:
             stage = Stage.READ if record.get("error") else Stage.DECODE
             yield beam.pvalue.TaggedOutput(
-                ERRORS_TAG, error_row(record, stage, err.reason, err.error_class, err.message)
+                ERRORS, error_row(record, stage, err.reason, err.error_class, err.message)
             )
             return
         except Exception as err:  # dead-letter anything unforeseen, with its class and text
             yield beam.pvalue.TaggedOutput(
-                ERRORS_TAG,
+                ERRORS,
                 error_row(
-                    record, Stage.DECODE, Reason.INTERNAL_ERROR, type(err).__name__, _message(err)
+                    record,
+                    Stage.DECODE,
+                    Reason.INTERNAL_ERROR,
+                    type(err).__name__,
+                    exception_message(err),
                 ),
             )
             return
@@ -492,87 +481,7 @@ class DecodeRecords(beam.PTransform):
 
     def expand(self, records):
         fn = DecodeFn(self.decode, self.caption, self.namespace)
-        return records | "Decode" >> beam.ParDo(fn).with_outputs(ERRORS_TAG, main="ok")
-
-
-# --- duplicate uids --------------------------------------------------------------------------
-
-
-class _FirstRef(beam.CombineFn):
-    """(count, smallest (source, index)) of one uid's records; order-independent."""
-
-    def create_accumulator(self):
-        return 0, None
-
-    def add_input(self, acc, ref):
-        count, best = acc
-        return count + 1, ref if best is None or ref < best else best
-
-    def merge_accumulators(self, accs):
-        count, best = 0, None
-        for c, ref in accs:
-            count += c
-            if ref is not None and (best is None or ref < best):
-                best = ref
-        return count, best
-
-    def extract_output(self, acc):
-        return acc
-
-
-class _DropDuplicatesFn(beam.DoFn):
-    def process(self, element, duplicates):
-        uid, record = element
-        keep = duplicates.get(uid)
-        if keep is not None and keep != record_ref(record):
-            yield beam.pvalue.TaggedOutput(
-                ERRORS_TAG,
-                error_row(
-                    record,
-                    Stage.DEDUP,
-                    Reason.DUPLICATE_UID,
-                    "DuplicateUid",
-                    f"uid {uid!r} first seen at {keep[0]}#{keep[1]}",
-                ),
-            )
-            return
-        yield element
-
-
-class FirstRefs(beam.PTransform):
-    """(uid, ref) pairs (``ReadRecords(index_only=True)``) -> (uid, (number of records,
-    smallest ref)) for every uid."""
-
-    def expand(self, refs):
-        return refs | "FirstRef" >> beam.CombinePerKey(_FirstRef())
-
-
-class DropDuplicateUids(beam.PTransform):
-    """Keep the first record of each uid (smallest source, row index); the rest -> errors.
-
-    ``first_refs``: the :class:`FirstRefs` of the same records, computed elsewhere (``capgap
-    curate`` takes them from a separate read of the input, so that the records themselves
-    flow on without waiting for the whole input to be indexed). Without it they are computed
-    from ``records``, which then wait, materialised, until every uid is counted.
-    """
-
-    def __init__(self, first_refs=None) -> None:
-        super().__init__()
-        self.first_refs = first_refs
-
-    def expand(self, records):
-        first_refs = self.first_refs
-        if first_refs is None:
-            refs = records | "Refs" >> beam.Map(lambda kv: (kv[0], record_ref(kv[1])))
-            first_refs = refs | "Index" >> FirstRefs()
-        duplicates = (
-            first_refs
-            | "OnlyRepeated" >> beam.Filter(lambda kv: kv[1][0] > 1)
-            | "KeepRef" >> beam.Map(lambda kv: (kv[0], kv[1][1]))
-        )
-        return records | "DropDuplicates" >> beam.ParDo(
-            _DropDuplicatesFn(), duplicates=beam.pvalue.AsDict(duplicates)
-        ).with_outputs(ERRORS_TAG, main="ok")
+        return records | "Decode" >> beam.ParDo(fn).with_outputs(ERRORS, main="ok")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import posixpath
-import re
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -45,7 +44,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from capgap.transforms.reasons import Reason
+from capgap.transforms.reasons import Reason, exception_message
+from capgap.transforms.schema import RESERVED_COLUMNS
 
 Format = Literal["auto", "parquet", "webdataset", "hf", "csv"]
 
@@ -88,35 +88,6 @@ class ReadConfig:
             raise ValueError("read.image_columns and read.caption_columns must not be empty")
         if self.hf_rows_per_task < 1 or self.batch_rows < 1 or self.schema_files < 1:
             raise ValueError("read.hf_rows_per_task, batch_rows, schema_files must be >= 1")
-
-
-# Columns capgap writes itself; input columns with these names are kept as ``input_<name>``.
-RESERVED_COLUMNS = frozenset(
-    {
-        "uid",
-        "image",
-        "caption",
-        "original_caption",
-        "caption_source",
-        "decision",
-        "reason",
-        "clip_score",
-        "certainty",
-        "imbalance",
-        "model_id",
-        "image_format",
-        "width",
-        "height",
-        "image_transform",
-        "image_path",
-        "source",
-        "source_index",
-        "stage",
-        "error_class",
-        "message",
-        "caption_preview",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -434,14 +405,11 @@ def _pylist(column: pa.ChunkedArray | pa.Array, raw: bool = False) -> list:
         return [None if v is None else v.decode("utf-8", "backslashreplace") for v in values]
 
 
-_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
-
-
 def _error(reason: Reason, err: BaseException | str, error_class: str | None = None):
     """(reason, error class, message); reprs with memory addresses are cut from messages so
     that errors/ rows are the same on every run."""
     if isinstance(err, BaseException):
-        message = _ADDRESS.sub("<data>", str(err))[:2000] or type(err).__name__
+        message = exception_message(err)[:2000]
         return (reason.value, type(err).__name__, message)
     return (reason.value, error_class or "ReadError", err)
 

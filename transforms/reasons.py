@@ -10,6 +10,8 @@ messages. ``python -m capgap.transforms.reasons`` prints the table.
 from __future__ import annotations
 
 import enum
+import re
+from typing import Any
 
 
 class Outcome(str, enum.Enum):
@@ -102,6 +104,55 @@ class RecordError(Exception):
         self.reason = Reason(reason)
         self.message = message
         self.error_class = error_class or type(self).__name__
+
+
+# --- errors/ rows ---------------------------------------------------------------------------
+
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def exception_message(err: BaseException) -> str:
+    """An exception's text without object reprs (they carry memory addresses, which would
+    make errors/ rows differ between runs over the same input)."""
+    return _ADDRESS.sub("<data>", str(err)) or type(err).__name__
+
+
+def _preview(caption: Any) -> str | None:
+    if isinstance(caption, str):
+        text = caption
+    elif isinstance(caption, bytes | bytearray | memoryview):
+        text = bytes(caption[:800]).decode("utf-8", errors="backslashreplace")
+    else:
+        return None
+    return text[:200].encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
+def _safe_text(value: Any) -> str:
+    return str(value).encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
+def error_row(
+    record: dict[str, Any],
+    stage: Stage | str,
+    reason: Reason | str,
+    error_class: str,
+    message: str,
+) -> dict[str, Any]:
+    """An ``errors/`` row: where the record came from and why it failed (no image bytes)."""
+    image = record.get("image")
+    path = record.get("image_path")
+    return {
+        "uid": _safe_text(record.get("uid", "")),
+        "source": _safe_text(record.get("source", "")),
+        "source_index": int(record.get("source_index", -1)),
+        "image_path": _safe_text(path) if path is not None else None,
+        "stage": Stage(stage).value,
+        "reason": Reason(reason).value,
+        "error_class": _safe_text(error_class),
+        "message": _safe_text(message)[:2000],
+        "caption_preview": _preview(record.get("caption")),
+        "image_num_bytes": len(image) if isinstance(image, bytes) else None,
+    }
 
 
 if __name__ == "__main__":

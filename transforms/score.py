@@ -1,12 +1,8 @@
-"""CLIP embedding through RunInference, the reference bank, and the three scores.
+"""The three scores of a pair against the reference bank, and the Beam step that adds them.
 
-:class:`EmbedPairs` runs decoded pairs through ``RunInference`` with a keyed
-:class:`~capgap.models.clip_handler.ClipModelHandler`; failed batches become
-``errors/`` rows (``inference_failed``), non-finite embeddings too.
-:class:`SampleBank` picks ``score.bank_size`` embedded pairs by a salted hash of
-their uid (deterministic, independent of order and sharding) as a side input (in
-``capgap curate`` from a pass of its own, :mod:`capgap.transforms.bank`), and
-:class:`ScorePairs` scores every pair against it. With s_j = cos(bank_image_j,
+The bank is ``score.bank_size`` embedded pairs of the input, a side input built in a
+pass of its own (:mod:`capgap.transforms.bank`); :class:`ScorePairs` scores every
+embedded pair (:mod:`capgap.transforms.embed`) against it. With s_j = cos(bank_image_j,
 caption_i) over the bank (the pair itself excluded) and s_ii = cos(image_i, caption_i):
 
 - ``clip_score`` = s_ii.
@@ -31,7 +27,6 @@ tau is the model's own temperature (1 / exp(logit_scale)) unless ``score.tau`` i
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,14 +34,7 @@ from typing import Any, Literal
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.transforms.window import GlobalWindows
-
-from capgap.models.clip_handler import ClipModelConfig, ClipModelHandler
-from capgap.transforms.reasons import Reason, Stage
-from capgap.transforms.write import error_row
-
-ERRORS_TAG = "errors"
 
 
 @dataclass
@@ -79,12 +67,6 @@ class ScoreConfig:
 
 
 # --- the scores (pure numpy) -----------------------------------------------------------------
-
-
-def uid_hash(uid: str, salt: str) -> int:
-    """A 64-bit hash of a uid, the same in every process (unlike ``hash``)."""
-    digest = hashlib.blake2b(f"{salt}\0{uid}".encode("utf-8", "backslashreplace"), digest_size=8)
-    return int.from_bytes(digest.digest(), "big")
 
 
 def batch_scores(
@@ -179,94 +161,6 @@ def pair_scores(
 # --- Beam transforms -------------------------------------------------------------------------
 
 
-def _failed_batch_rows(failed) -> Iterator[dict[str, Any]]:
-    batch, exception = failed
-    for item in batch:
-        _, pair = item if isinstance(item, tuple) else (None, item)
-        yield error_row(
-            pair, Stage.EMBED, Reason.INFERENCE_FAILED, type(exception).__name__, str(exception)
-        )
-
-
-class _EmbeddedRowFn(beam.DoFn):
-    """(uid, PredictionResult) -> the row without pixels, plus embeddings; NaN -> errors."""
-
-    def process(self, element) -> Iterator[Any]:
-        uid, result = element
-        pair = {k: v for k, v in result.example.items() if k != "pixels"}
-        inference = result.inference
-        img, txt = inference["image_embedding"], inference["text_embedding"]
-        if not inference["finite"]:
-            yield beam.pvalue.TaggedOutput(
-                ERRORS_TAG,
-                error_row(
-                    pair, Stage.EMBED, Reason.EMBEDDING_NONFINITE, "ValueError", "NaN/inf embedding"
-                ),
-            )
-            return
-        pair["image_embedding"] = np.asarray(img, dtype=np.float32)
-        pair["text_embedding"] = np.asarray(txt, dtype=np.float32)
-        pair["logit_scale"] = float(inference["logit_scale"])
-        pair["model_id"] = result.model_id
-        yield uid, pair
-
-
-class EmbedPairs(beam.PTransform):
-    """(uid, pair) -> tagged ``ok`` (uid, row with embeddings) and ``errors`` rows."""
-
-    def __init__(self, model: ClipModelConfig) -> None:
-        super().__init__()
-        self.model = model
-
-    def expand(self, pairs):
-        handler = KeyedModelHandler(ClipModelHandler(self.model))
-        main, dlq = pairs | "RunInference" >> RunInference(handler).with_exception_handling()
-        failed = dlq.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows)
-        rows = main | "Rows" >> beam.ParDo(_EmbeddedRowFn()).with_outputs(ERRORS_TAG, main="ok")
-        errors = (failed, rows[ERRORS_TAG]) | "EmbedErrors" >> beam.Flatten()
-        return {"ok": rows.ok, ERRORS_TAG: errors}
-
-
-class SampleBank(beam.PTransform):
-    """Embedded rows -> one bank dict {uids, images, texts, tau} (for ``AsSingleton``)."""
-
-    def __init__(self, cfg: ScoreConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-
-    def expand(self, rows):
-        salt, tau = self.cfg.bank_salt, self.cfg.tau
-        return (
-            rows
-            | "Keyed"
-            >> beam.Map(
-                lambda kv: (
-                    uid_hash(kv[0], salt),
-                    kv[0],
-                    kv[1]["image_embedding"],
-                    kv[1]["text_embedding"],
-                    kv[1]["logit_scale"],
-                )
-            )
-            | "Smallest" >> beam.combiners.Top.Smallest(self.cfg.bank_size, key=lambda e: e[:2])
-            | "AsBank" >> beam.Map(make_bank, tau)
-        )
-
-
-def make_bank(entries: list[tuple], tau: float | None = None) -> dict[str, Any]:
-    """Bank arrays from (hash, uid, image, text, logit_scale) entries sorted by (hash, uid)."""
-    entries = sorted(entries, key=lambda e: e[:2])
-    if not entries:
-        return {"uids": [], "images": np.zeros((0, 0), np.float32), "tau": tau or 0.01}
-    scale = float(entries[0][4])
-    return {
-        "uids": [e[1] for e in entries],
-        "images": np.stack([e[2] for e in entries]).astype(np.float32),
-        "texts": np.stack([e[3] for e in entries]).astype(np.float32),
-        "tau": float(tau) if tau is not None else 1.0 / scale,
-    }
-
-
 class _ScoreFn(beam.DoFn):
     """(uid, row) -> (uid, row with scores), ``batch_size`` rows per matrix product.
 
@@ -334,9 +228,3 @@ class ScorePairs(beam.PTransform):
     def expand(self, rows):
         bank = beam.pvalue.AsSingleton(self.bank)
         return rows | "Score" >> beam.ParDo(_ScoreFn(self.cfg), bank=bank)
-
-
-def bank_summary(bank: dict[str, Any]) -> dict[str, Any]:
-    """What the manifest records about the bank: size, tau and a hash of its uids."""
-    digest = hashlib.sha256("\n".join(bank["uids"]).encode("utf-8", "backslashreplace"))
-    return {"size": len(bank["uids"]), "tau": bank["tau"], "uids_sha256": digest.hexdigest()}

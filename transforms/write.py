@@ -30,90 +30,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-from capgap.transforms.reasons import Reason, Stage
-
-CURATED, REJECTED, ERRORS = "curated", "rejected", "errors"
-MANIFEST = "manifest.json"
-
-#: Columns every curated / rejected row has, before the passthrough columns.
-ROW_FIELDS: list[pa.Field] = [
-    pa.field("uid", pa.string(), nullable=False),
-    pa.field("image", pa.binary(), nullable=False),
-    pa.field("caption", pa.string(), nullable=False),
-    pa.field("original_caption", pa.string(), nullable=False),
-    pa.field("caption_source", pa.string(), nullable=False),
-    pa.field("decision", pa.string(), nullable=False),  # keep | recaption | drop
-    pa.field("reason", pa.string(), nullable=False),  # passed | high_imbalance | low_...
-    pa.field("clip_score", pa.float32(), nullable=False),
-    pa.field("certainty", pa.float32(), nullable=False),
-    pa.field("imbalance", pa.float32(), nullable=False),
-    pa.field("model_id", pa.string(), nullable=False),
-    pa.field("image_format", pa.string(), nullable=False),
-    pa.field("width", pa.int32(), nullable=False),
-    pa.field("height", pa.int32(), nullable=False),
-    pa.field("decode_notes", pa.string(), nullable=False),
-    pa.field("image_path", pa.string(), nullable=True),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("source_index", pa.int64(), nullable=False),
-]
-
-ERRORS_SCHEMA = pa.schema(
-    [
-        pa.field("uid", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("source_index", pa.int64(), nullable=False),
-        pa.field("image_path", pa.string(), nullable=True),
-        pa.field("stage", pa.string(), nullable=False),  # read | dedup | decode | embed | score
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("error_class", pa.string(), nullable=False),
-        pa.field("message", pa.string(), nullable=False),
-        pa.field("caption_preview", pa.string(), nullable=True),  # first 200 chars, if text
-        pa.field("image_num_bytes", pa.int64(), nullable=True),
-    ]
-)
-
-
-def row_schema(passthrough: pa.Schema, extra: list[pa.Field] | None = None) -> pa.Schema:
-    """The curated / rejected schema: ROW_FIELDS, optional extras, then passthrough columns."""
-    return pa.schema([*ROW_FIELDS, *(extra or []), *passthrough])
-
-
-def _preview(caption: Any) -> str | None:
-    if isinstance(caption, str):
-        text = caption
-    elif isinstance(caption, bytes | bytearray | memoryview):
-        text = bytes(caption[:800]).decode("utf-8", errors="backslashreplace")
-    else:
-        return None
-    return text[:200].encode("utf-8", errors="backslashreplace").decode("utf-8")
-
-
-def _safe_text(value: Any) -> str:
-    return str(value).encode("utf-8", errors="backslashreplace").decode("utf-8")
-
-
-def error_row(
-    record: dict[str, Any],
-    stage: Stage | str,
-    reason: Reason | str,
-    error_class: str,
-    message: str,
-) -> dict[str, Any]:
-    """An ``errors/`` row: where the record came from and why it failed (no image bytes)."""
-    image = record.get("image")
-    path = record.get("image_path")
-    return {
-        "uid": _safe_text(record.get("uid", "")),
-        "source": _safe_text(record.get("source", "")),
-        "source_index": int(record.get("source_index", -1)),
-        "image_path": _safe_text(path) if path is not None else None,
-        "stage": Stage(stage).value,
-        "reason": Reason(reason).value,
-        "error_class": _safe_text(error_class),
-        "message": _safe_text(message)[:2000],
-        "caption_preview": _preview(record.get("caption")),
-        "image_num_bytes": len(image) if isinstance(image, bytes) else None,
-    }
+from capgap.transforms.schema import CURATED, ERRORS, MANIFEST, OUTPUTS, REJECTED
 
 
 def record_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
@@ -225,7 +142,7 @@ def clear_outputs(output: str) -> list[str]:
     """Delete a previous build under ``output``: the three folders (part files and any
     ``beam-temp-*`` left by a killed run) and the manifest. Returns what went."""
     doomed = []
-    for name in (CURATED, REJECTED, ERRORS):
+    for name in OUTPUTS:
         folder = posixpath.join(output, name)
         if "://" not in folder:
             if os.path.isdir(folder):
