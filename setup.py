@@ -16,6 +16,7 @@ PACKAGE_DIRS = {
     "capgap.core": "capgap/core",
     "capgap.pipeline": "pipeline",
     "capgap.transforms": "transforms",
+    "capgap.transforms.readers": "transforms/readers",
     "capgap.models": "models",
     "capgap.configs": "configs",
 }
@@ -51,7 +52,13 @@ setup(
     include_package_data=True,
     install_requires=REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "import-linter>=2.1",
+        ],
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
         "spark": ["pyspark>=3.4"],
         "flink": [],

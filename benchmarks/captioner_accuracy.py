@@ -29,8 +29,9 @@ import numpy as np
 
 from capgap.core import world
 from capgap.core.config import load_config
+from capgap.core.images import rgb_image
 from capgap.models.captioner import CaptionerConfig, load_captioner
-from capgap.models.recaption_handler import RecaptionModelHandler, decode_image
+from capgap.models.recaption_handler import RecaptionModelHandler
 from capgap.pipeline import synth
 from capgap.pipeline.train_captioner import (
     attribute_accuracy,
@@ -52,7 +53,7 @@ def _synth(out: Path) -> Path:
 def accuracy(model: str, data: Path, rows: int) -> dict[str, float]:
     table = read_rows(str(data / "test"), ["image", *world.LABEL_COLUMNS], rows)
     captioner = load_captioner(CaptionerConfig(model=model, batch_size=256))
-    images = [decode_image(b) for b in table["image"]]
+    images = [rgb_image(b) for b in table["image"]]
     return attribute_accuracy(captioner.caption(images), table)
 
 
@@ -79,7 +80,7 @@ def imbalance(model: str, data: Path, clip_run: str, rows: int, bank_size: int) 
     columns = ["uid", "image", "caption", "k", "mismatched"]
     table = read_rows(str(data / "web"), columns, max(rows, bank_size))
     embedder = ClipEmbedder(ClipModelConfig(run_dir=clip_run))
-    pixels = [np.asarray(decode_image(b)) for b in table["image"]]
+    pixels = [np.asarray(rgb_image(b)) for b in table["image"]]
 
     def embed(texts: list[str], idx: range) -> tuple[np.ndarray, np.ndarray, float]:
         outs = [
@@ -98,7 +99,7 @@ def imbalance(model: str, data: Path, clip_run: str, rows: int, bank_size: int) 
     n = min(rows, len(pixels))
     idx = range(n)
     captioner = load_captioner(CaptionerConfig(model=model, batch_size=256))
-    dense = captioner.caption([decode_image(table["image"][i]) for i in idx])
+    dense = captioner.caption([rgb_image(table["image"][i]) for i in idx])
     cfg = ScoreConfig()
     result: dict = {"rows": n, "bank": len(bank_idx), "tau": tau, "by_k": {}}
     scores = {}

@@ -23,7 +23,6 @@ epoch streams and decodes Parquet again, the cost a dataset too large for RAM pa
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import tempfile
@@ -33,8 +32,9 @@ from pathlib import Path
 import open_clip
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
+from capgap.core.files import expand_paths
+from capgap.core.images import rgb_image
 from capgap.models.clip_factory import create_clip
 from capgap.pipeline import synth
 from capgap.pipeline.train import DataConfig, TrainConfig, train
@@ -45,7 +45,7 @@ def load_tensors(files: list[Path], preprocess, tokenizer) -> tuple[torch.Tensor
     for path in files:
         table = pq.read_table(path, columns=["image", "caption"]).to_pydict()
         for raw, caption in zip(table["image"], table["caption"], strict=True):
-            images.append(preprocess(Image.open(io.BytesIO(raw)).convert("RGB")))
+            images.append(preprocess(rgb_image(raw)))
             captions.append(caption)
     return torch.stack(images), tokenizer(captions)
 
@@ -133,9 +133,7 @@ def main() -> None:
         )
         data = str(tmp / "seed" / "*.parquet")
         _, preprocess, tokenizer = create_clip(args.model)
-        images, texts = load_tensors(
-            sorted((tmp / "seed").glob("*.parquet")), preprocess, tokenizer
-        )
+        images, texts = load_tensors(expand_paths(data), preprocess, tokenizer)
         bare, ours, paired = [], [], []
         for rep in range(args.reps):
             b = bare_open_clip(args.model, images, texts, args.batch_size, args.epochs, 1e-3)[1:]

@@ -131,17 +131,14 @@ class ClipEmbedder:
     ) -> tuple[np.ndarray, np.ndarray, float]:
         """L2-normalised (image, text) embeddings as float32 arrays, and exp(logit_scale)."""
         import torch
-        import torch.nn.functional as F
         from PIL import Image
+
+        from capgap.models.clip_embed import encode_pairs
 
         images = torch.stack([self.preprocess(Image.fromarray(p, mode="RGB")) for p in pixels])
         tokens = self.tokenizer(list(captions))
-        with torch.inference_mode(), self._autocast():
-            img = self.model.encode_image(images.to(self.device, non_blocking=True))
-            txt = self.model.encode_text(tokens.to(self.device, non_blocking=True))
-        img = F.normalize(img.float(), dim=-1).cpu().numpy()
-        txt = F.normalize(txt.float(), dim=-1).cpu().numpy()
-        return img, txt, self.logit_scale
+        img, txt = encode_pairs(self.model, images, tokens, self.device, autocast=self._autocast)
+        return img.cpu().numpy(), txt.cpu().numpy(), self.logit_scale
 
 
 # Models loaded in this process, by ClipModelConfig.weights_key(): `capgap curate` runs two

@@ -10,7 +10,9 @@ never at construction, so the handler pickles cheaply to workers;
 
 ``CaptionGateModelHandler`` takes ``(row, new_caption)`` pairs and returns the
 reference CLIP's cosine of the image with the new and with the original caption
-(``GateScores``), loading the CLIP run with ``clip_factory.load_run``.
+(``GateScores``), loading the CLIP run with ``clip_factory.load_run`` and encoding with
+``clip_embed.encode_pairs``. Both decode images with ``capgap.core.images.rgb_image``: a row
+that does not decode fails its batch with a ``ValueError`` naming the row's uid.
 
     handler = RecaptionModelHandler(CaptionerConfig(model="runs/captioner"), max_batch_size=32)
     rows | RunInference(KeyedModelHandler(handler))        # on (uid, row) pairs
@@ -18,23 +20,19 @@ reference CLIP's cosine of the image with the new and with the original caption
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from capgap.core.images import rgb_image
 from capgap.models.captioner import Captioner, CaptionerConfig, load_captioner
 
 
-def decode_image(blob: bytes):
-    """Encoded (already validated) image bytes -> RGB PIL image."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(blob)) as im:
-        im.load()
-        return im.convert("RGB")
+def _what(row: dict) -> str:
+    """How a decode error names its row (``rgb_image``'s ``what``)."""
+    return f"row {row['uid']}" if "uid" in row else "image"
 
 
 def _batching(
@@ -89,7 +87,7 @@ class RecaptionModelHandler(ModelHandler[dict, PredictionResult, Captioner]):
         model: Captioner,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        images = [decode_image(row[self.image_key]) for row in batch]
+        images = [rgb_image(row[self.image_key], _what(row)) for row in batch]
         contexts = [row.get(self.caption_key) or "" for row in batch]
         captions = model.caption(images, contexts)
         return [
@@ -127,11 +125,11 @@ class _ClipScorer:
     def scores(self, images: Sequence[Any], new: Sequence[str], original: Sequence[str]):
         import torch
 
-        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
-        texts = self.tokenizer([*new, *original]).to(self.device)
-        with torch.inference_mode():
-            img = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
-            txt = torch.nn.functional.normalize(self.model.encode_text(texts).float(), dim=-1)
+        from capgap.models.clip_embed import encode_pairs
+
+        pixels = torch.stack([self.preprocess(im) for im in images])
+        texts = self.tokenizer([*new, *original])
+        img, txt = encode_pairs(self.model, pixels, texts, self.device)
         n = len(images)
         cos_new = (img * txt[:n]).sum(-1).tolist()
         cos_original = (img * txt[n:]).sum(-1).tolist()
@@ -167,7 +165,7 @@ class CaptionGateModelHandler(ModelHandler[tuple, GateScores, Any]):
         model: _ClipScorer,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        images = [decode_image(item[0][self.image_key]) for item in batch]
+        images = [rgb_image(item[0][self.image_key], _what(item[0])) for item in batch]
         new = [item[1] for item in batch]
         original = [item[0].get(self.caption_key) or "" for item in batch]
         scores = model.scores(images, new, original)

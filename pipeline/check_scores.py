@@ -18,8 +18,6 @@ The reference CLIP is a ``capgap train`` run (e.g. trained on the ``seed`` split
 
 from __future__ import annotations
 
-import argparse
-import glob
 import json
 import os
 import posixpath
@@ -30,9 +28,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.parquet as pq
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
 
 from capgap.core import world
-from capgap.core.config import ConfigError, add_config_args, config_from_args
+from capgap.core.config import (
+    ConfigError,
+    add_config_args,
+    command_parser,
+    config_from_args,
+    load_config,
+)
+from capgap.core.files import expand_paths
+from capgap.pipeline import curate
+from capgap.transforms.schema import CURATED, MANIFEST, REJECTED
 
 N_ATTRIBUTES = len(world.ATTRIBUTE_NAMES)
 
@@ -53,41 +62,28 @@ class CheckScoresConfig:
     beam_args: list[str] = field(default_factory=list)  # e.g. ["--direct_num_workers=2"]
 
 
-def rankdata(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank."""
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_vals = values[order]
-    start = 0
-    for end in range(1, len(values) + 1):
-        if end == len(values) or sorted_vals[end] != sorted_vals[start]:
-            ranks[order[start:end]] = (start + end + 1) / 2.0
-            start = end
-    return ranks
-
-
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """P(score of a random positive > score of a random negative), ties counting half."""
+    """P(score of a random positive > score of a random negative), ties counting half
+    (``sklearn.metrics.roc_auc_score``); NaN when either class is empty."""
     positive = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    if positive.all() or not positive.any():
         return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(positive, np.asarray(scores, dtype=np.float64)))
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = rankdata(a), rankdata(b)
-    if ra.std() == 0 or rb.std() == 0:
+    """Spearman's rho (``scipy.stats.spearmanr``, average ranks for ties); NaN when either
+    side is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def read_scored(output: str) -> dict[str, np.ndarray]:
     """uid, scores and ground truth of every scored row under a curate output."""
-    paths = sorted(glob.glob(posixpath.join(output, "curated", "*.parquet")))
-    paths += sorted(glob.glob(posixpath.join(output, "rejected", "*.parquet")))
+    folders = [posixpath.join(output, CURATED), posixpath.join(output, REJECTED)]
+    paths = expand_paths(folders, allow_empty=True)
     columns = ["uid", "clip_score", "certainty", "imbalance", "mismatched", "k"]
     tables = [pq.read_table(p, columns=columns) for p in paths]
     rows: dict[str, list] = {c: [] for c in columns}
@@ -114,24 +110,20 @@ def evaluate(scored: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def run_curate(cfg: CheckScoresConfig, out: str) -> None:
-    from capgap.pipeline import curate
-
+    """Curate ``cfg.data`` into ``out`` with every decision rule off (all rows scored)."""
     data = cfg.data
     if os.path.isdir(data) and not os.path.exists(os.path.join(data, "dataset_info.json")):
         data = os.path.join(data, "*.parquet")
-    argv = [
-        f"--input={data}",
-        f"--output={out}",
-        f"--reference={cfg.reference}",
-        "--overwrite",
-        "--set=decide.drop.mode=off",
-        "--set=decide.drop_clip.mode=off",
-        "--set=decide.recaption.mode=off",
-        f"--set=score.bank_size={cfg.bank_size}",
-        *[f"--set={s}" for s in cfg.curate_set],
-        *cfg.beam_args,
+    overrides = [
+        "decide.drop.mode=off",
+        "decide.drop_clip.mode=off",
+        "decide.recaption.mode=off",
+        f"score.bank_size={cfg.bank_size}",
+        *cfg.curate_set,
     ]
-    curate.run(argv)
+    values = {"input": data, "output": out, "reference": cfg.reference, "overwrite": True}
+    curate_cfg = load_config(curate.CurateConfig, "curate", overrides, values=values)
+    curate.run_config(curate_cfg, cfg.beam_args)
 
 
 def check(cfg: CheckScoresConfig) -> dict[str, float]:
@@ -143,7 +135,7 @@ def check(cfg: CheckScoresConfig) -> dict[str, float]:
         output = cfg.out or tempfile.mkdtemp(prefix="capgap-check-scores-")
         run_curate(cfg, output)
     results = evaluate(read_scored(output))
-    manifest_path = posixpath.join(output, "manifest.json")
+    manifest_path = posixpath.join(output, MANIFEST)
     if os.path.exists(manifest_path):
         with open(manifest_path, encoding="utf-8") as fh:
             manifest = json.load(fh)
@@ -156,7 +148,7 @@ def check(cfg: CheckScoresConfig) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="capgap check-scores", description=__doc__)
+    parser = command_parser("capgap check-scores", __doc__)
     add_config_args(parser, CheckScoresConfig, default_config=None)
     args = parser.parse_args(argv)
     try:

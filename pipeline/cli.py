@@ -16,6 +16,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from capgap.core.console import quiet_third_party_output
+
 # command -> (module under capgap.pipeline, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("synth", "write the synthetic world's seed / web / test splits as Parquet"),
@@ -51,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"capgap: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    quiet_third_party_output()
     module = importlib.import_module(f"capgap.pipeline.{COMMANDS[name][0]}")
     return int(module.main(rest) or 0)
 

@@ -24,7 +24,9 @@ options (``--runner``, ``--direct_num_workers``, ...) pass through; a runner pre
     capgap curate --runner_preset dataflow --input 'gs://b/shards/*.tar' --output gs://b/out \\
         --project my-project --temp_location gs://b/tmp
 
-In Python: ``run(argv=None, test_pipeline=None) -> dict`` (the manifest).
+In Python: ``run_config(CurateConfig(...), beam_options=None) -> Manifest``, the typed entry
+the CLI, the demo, check-scores and the experiments call; ``run(argv=None,
+test_pipeline=None) -> dict`` (the manifest) is Beam's argv convention on top of it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import json
 import logging
 import posixpath
 import sys
@@ -47,6 +50,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from capgap.core.config import (
     ConfigError,
     add_config_args,
+    command_parser,
     config_from_args,
     from_dict,
     read_yaml,
@@ -60,7 +64,7 @@ from capgap.transforms.decide import RECAPTION, Decide, DecideConfig
 from capgap.transforms.decode import CaptionConfig, DecodeConfig, DecodeRecords
 from capgap.transforms.dedup import DropDuplicateUids, FirstRefs
 from capgap.transforms.embed import EmbedPairs
-from capgap.transforms.read import ReadConfig, ReadRecords, discover
+from capgap.transforms.readers import ReadConfig, ReadRecords, discover
 from capgap.transforms.recaption import Recaption, RecaptionConfig
 from capgap.transforms.schema import (
     CURATED,
@@ -291,6 +295,14 @@ def preset_flags(name_or_path: str) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
+def validate(cfg: CurateConfig) -> None:
+    """Checks that need the whole config, done before any worker starts."""
+    if not cfg.input:
+        raise ConfigError("no input: pass --input PATTERN (or set input in the config)")
+    if cfg.recaption.enabled:
+        recaption_stage_config(cfg.recaption)  # unknown or ill-typed stage keys raise here
+
+
 def parse(argv: Sequence[str]) -> tuple[CurateConfig, PipelineOptions]:
     """Resolve argv (with an optional --runner_preset) into (config, pipeline options)."""
     argv = list(argv)
@@ -306,10 +318,7 @@ def parse(argv: Sequence[str]) -> tuple[CurateConfig, PipelineOptions]:
         **{k: v for k, v in values.items() if k.startswith("cfg__") or k in ("config", "overrides")}
     )
     cfg = config_from_args(CurateConfig, namespace)
-    if not cfg.input:
-        raise ConfigError("no input: pass --input PATTERN (or set input in the config)")
-    if cfg.recaption.enabled:
-        recaption_stage_config(cfg.recaption)  # validate its keys now, not on a worker
+    validate(cfg)
     return cfg, options
 
 
@@ -330,32 +339,74 @@ def prepare_output(cfg: CurateConfig) -> list[str]:
     return cleared
 
 
-def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
-    """Build and run the pipeline; returns the manifest (with the Beam counters under 'metrics')."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, options = parse(argv)
+@dataclass(frozen=True)
+class Manifest:
+    """A finished build: ``manifest.json`` as written, and the run's Beam counters."""
+
+    document: dict[str, Any]
+    metrics: dict[str, int]
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        """rows_in, curated, rejected, errors, and per-reason counts of each outcome."""
+        return self.document["counts"]
+
+    @property
+    def output(self) -> str:
+        return self.document["config"]["output"]
+
+    @property
+    def wall_time_s(self) -> float:
+        return self.document["wall_time_s"]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The manifest with the counters under ``metrics`` (what :func:`run` returns)."""
+        return {**self.document, "metrics": self.metrics}
+
+
+def run_config(
+    cfg: CurateConfig,
+    beam_options: PipelineOptions | Sequence[str] | None = None,
+    test_pipeline: beam.Pipeline | None = None,
+) -> Manifest:
+    """Build and run the curate pipeline for ``cfg``: the typed entry every caller uses.
+
+    ``beam_options``: Beam's ``PipelineOptions`` or their flags (``["--runner=..."]``);
+    default the DirectRunner. ``test_pipeline`` replaces the pipeline (tests).
+
+        manifest = run_config(CurateConfig(input="data/web/*.parquet", output="out/web"))
+        manifest.counts["curated"]
+    """
+    validate(cfg)
     prepare_output(cfg)
     started = time.time()
-    p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
+    if test_pipeline is not None:
+        p = test_pipeline
+    else:
+        options = beam_options
+        if not isinstance(options, PipelineOptions):
+            options = PipelineOptions(list(options or []))
+        p = beam.Pipeline(options=options)
     build(p, cfg, started)
     result = p.run()
     result.wait_until_finish()
-    import json
-
     with FileSystems.open(posixpath.join(cfg.output, MANIFEST)) as fh:
-        manifest = json.loads(fh.read().decode("utf-8"))
-    manifest["metrics"] = counter_values(result)
-    return manifest
+        document = json.loads(fh.read().decode("utf-8"))
+    return Manifest(document, counter_values(result))
+
+
+def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
+    """Beam's entry convention: argv -> :func:`run_config`; returns the manifest as a dict
+    (with the Beam counters under 'metrics')."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, options = parse(argv)
+    return run_config(cfg, options, test_pipeline).as_dict()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        parser = argparse.ArgumentParser(
-            prog="capgap curate",
-            description=__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        parser = command_parser("capgap curate", __doc__)
         CurateOptions._add_argparse_args(parser)
         parser.print_help()
         print("\nAny Beam pipeline option (--runner, --direct_num_workers, ...) is passed on.")

@@ -35,10 +35,11 @@ import pyarrow.parquet as pq
 from capgap.core.config import (
     ConfigError,
     add_config_args,
+    command_parser,
     config_from_args,
-    load_config,
     save_resolved,
 )
+from capgap.core.files import expand_paths
 from capgap.pipeline import curate, synth
 from capgap.pipeline.evaluate import EvalConfig, evaluate
 from capgap.pipeline.jobs import run_side_by_side
@@ -168,8 +169,8 @@ def curate_split(
     captioner: Path | None,
     name: str = "curated",
     drop: bool = True,
-) -> dict[str, Any]:
-    """Run ``capgap curate`` (Beam, DirectRunner) on a split; returns the manifest.
+) -> curate.Manifest:
+    """Run ``capgap curate`` (Beam, DirectRunner) on a split; returns its manifest.
 
     ``captioner=None`` turns recaptioning off (rows marked recaption keep their
     caption); ``drop=False`` turns the certainty filter off.
@@ -191,14 +192,17 @@ def curate_split(
             gate["clip_run"] = str(reference)
         stage["gate"] = gate
     curate_cfg.recaption = curate.RecaptionSwitch(enabled=captioner is not None, stage=stage)
-    config_path = save_resolved(curate_cfg, Path(cfg.out_dir) / "configs", f"{name}.yaml")
-    argv = ["--config", str(config_path), "--direct_running_mode", cfg.runner_mode]
-    return curate.run(argv)
+    return curate.run_config(curate_cfg, ["--direct_running_mode", cfg.runner_mode])
 
 
-def _glob(pattern: str) -> list[Path]:
-    path = Path(pattern)
-    return sorted(path.parent.glob(path.name))
+def split_rows(split_glob: str) -> int:
+    """Rows in the Parquet shards matching ``split_glob`` (from their footers)."""
+    return sum(pq.read_metadata(p).num_rows for p in expand_paths(split_glob))
+
+
+def pairs_budget(cfg: DemoConfig, split_glob: str) -> int:
+    """Pairs a student sees: ``student.epochs`` passes over the original split."""
+    return cfg.student.epochs * split_rows(split_glob)
 
 
 def student_epochs(budget_pairs: int, rows: int) -> int:
@@ -214,7 +218,7 @@ def train_student(
     The epoch count is rounded to the nearest (at least 1), so a split that lost rows to the
     drop rule sees about the same number of pairs, never a full epoch more.
     """
-    rows = sum(pq.read_metadata(p).num_rows for p in _glob(data))
+    rows = split_rows(data)
     if rows == 0:
         raise ValueError(f"no rows to train on in {data}")
     run = replace(
@@ -279,7 +283,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timer.mark("curate web (Beam: score, drop, recaption, write)")
 
     curated_glob = str(out / "curated" / "curated" / "*.parquet")
-    budget = cfg.student.epochs * sum(pq.read_metadata(p).num_rows for p in _glob(data["web"]))
+    budget = pairs_budget(cfg, data["web"])
     student_original, student_curated = run_side_by_side(
         [
             (train_student, (cfg, data["web"], "student-original", budget)),
@@ -309,7 +313,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     table, checks = headline_table(original, curated)
     headline = {
-        "curate_counts": manifest.get("counts"),
+        "curate_counts": manifest.counts,
         "original": {key: original.get(key) for key, _, _ in HEADLINE},
         "curated": {key: curated.get(key) for key, _, _ in HEADLINE},
         "checks": checks,
@@ -319,76 +323,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     }
     (out / "headline.json").write_text(json.dumps(headline, indent=1) + "\n", encoding="utf-8")
     print()
-    print(f"curate: {json.dumps(manifest.get('counts'))}")
+    print(f"curate: {json.dumps(manifest.counts)}")
     print(table)
     print(f"checks: {json.dumps(checks)}")
     print(f"total {headline['total_s']:.0f}s; report: {report}; headline: {out / 'headline.json'}")
     return headline
 
 
-# --- the curation experiment (capgap experiment curation) ---------------------------------------
-
-
-def curation_arms(exp_cfg: Any) -> dict[str, Any]:
-    """Original vs filtered-only vs recaptioned-only vs both, students over ``exp_cfg.seeds``."""
-    from capgap.pipeline.experiment import arm_means, write_results
-
-    cfg = load_config(DemoConfig, "demo")
-    cfg.out_dir = str(Path(exp_cfg.out_dir) / "curation")
-    data = make_data(cfg)
-    reference, captioner = run_side_by_side(
-        [(train_reference, (cfg, data)), (train_dense_captioner, (cfg, data))], cfg.parallel
-    )
-    curate_split(cfg, data["web"], reference, None, "filtered")
-    curate_split(cfg, data["web"], reference, captioner, "recaptioned", drop=False)
-    curate_split(cfg, data["web"], reference, captioner, "both")
-    arms = {"original": data["web"]}
-    for label in ("filtered", "recaptioned", "both"):
-        arms[label] = str(Path(cfg.out_dir) / label / "curated" / "*.parquet")
-    budget = cfg.student.epochs * sum(pq.read_metadata(p).num_rows for p in _glob(data["web"]))
-    keys = ["l2m", "rmg", "linear_separability", "i2t_r@1", "t2i_r@1", "zs_acc_attr_mean"]
-    runs = [(label, glob, seed) for label, glob in arms.items() for seed in exp_cfg.seeds]
-    jobs = [
-        (
-            train_and_evaluate_student,
-            (cfg, glob, f"students/{label}-s{seed}", budget, seed, data["test"]),
-        )
-        for label, glob, seed in runs
-    ]
-    values = {label: i for i, label in enumerate(arms)}
-    rows = []
-    for (label, _, seed), result in zip(
-        runs, run_side_by_side(jobs, exp_cfg.parallel), strict=True
-    ):
-        rows.append(
-            {"arm": label, "value": values[label], "seed": seed, **{k: result.get(k) for k in keys}}
-        )
-        print(
-            f"[curation] {label} seed={seed}: l2m={result['l2m']:.3f} i2t_r@1={result['i2t_r@1']:.3f}"
-        )
-    table = arm_means(rows, keys)
-    summary = {e["arm"]: {k: e[k] for k in keys} for e in table}
-
-    def plot(path: Path) -> None:
-        from capgap.pipeline.experiment import _bar_plot
-
-        _bar_plot(table, ["l2m", "rmg", "i2t_r@1"])(path)
-
-    budget_note = (
-        f"students: {cfg.student.model}, {budget} pairs seen each in whole epochs (the demo's "
-        f"budget, configs/demo.yaml); web split of {cfg.synth.splits['web'].n} rows."
-    )
-    write_results(exp_cfg, "curation", rows, table, keys, summary, plot, budget_note)
-    return summary
-
-
 # --- CLI -----------------------------------------------------------------------------------------
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(
-        prog="capgap demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = parser or command_parser("capgap demo", __doc__)
     add_config_args(parser, DemoConfig, default_config="demo")
     return parser
 

@@ -20,11 +20,8 @@ In-process (demo, experiments): ``evaluate(run_dir, cfg) -> dict``.
 from __future__ import annotations
 
 import argparse
-import glob
-import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,8 +35,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from capgap.core import world
-from capgap.core.config import ConfigError, add_config_args, config_from_args, save_resolved
+from capgap.core.config import (
+    ConfigError,
+    add_config_args,
+    command_parser,
+    config_from_args,
+    save_resolved,
+)
+from capgap.core.files import expand_paths
+from capgap.core.images import rgb_image
 from capgap.models import metrics, robustness, zero_shot
+from capgap.models.clip_embed import encode_pairs
 
 
 @dataclass
@@ -111,17 +117,6 @@ class EmbeddedSplit:
 # --- embedding --------------------------------------------------------------------------------
 
 
-def expand_data(patterns: str) -> list[Path]:
-    """Sorted files matching comma-separated glob(s); fails naming a pattern that matches none."""
-    files: set[str] = set()
-    for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
-        matched = glob.glob(os.path.expanduser(pattern), recursive=True)
-        if not matched:
-            raise FileNotFoundError(f"no Parquet files match {pattern!r}")
-        files.update(matched)
-    return [Path(f) for f in sorted(files)]
-
-
 def read_pairs(
     data: str, cfg: EvalConfig
 ) -> tuple[list[bytes], list[str], list[str], dict[str, list[str]] | None]:
@@ -131,7 +126,7 @@ def read_pairs(
     uids: list[str] = []
     labels: dict[str, list[str]] | None = None
     limit = cfg.max_samples if cfg.max_samples is not None else math.inf
-    for path in expand_data(data):
+    for path in expand_paths(data):
         names = set(pq.read_schema(path).names)
         missing = {cfg.image_column, cfg.caption_column} - names
         if missing:
@@ -164,15 +159,6 @@ def read_pairs(
     return images, captions, uids, labels
 
 
-def _decode(blob: bytes, uid: str) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(blob)) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"pair {uid}: image does not decode ({err})") from err
-
-
-@torch.no_grad()
 def embed_pairs(
     model: torch.nn.Module,
     preprocess: Callable[[Image.Image], torch.Tensor],
@@ -183,7 +169,12 @@ def embed_pairs(
     batch_size: int = 256,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised float32 (image, caption) embeddings, in batches."""
+    """L2-normalised float32 (image, caption) embeddings, in batches.
+
+    Each batch's float32 features come from ``clip_embed.encode_pairs`` unnormalised; the
+    whole split is then normalised at once in float64 (``metrics.l2_normalize``) and cast
+    back to float32.
+    """
     device = next(model.parameters()).device
     model.eval()
     img_chunks, txt_chunks = [], []
@@ -191,11 +182,12 @@ def embed_pairs(
     for start in range(0, len(images), batch_size):
         stop = min(start + batch_size, len(images))
         pixels = torch.stack(
-            [preprocess(_decode(images[i], uids[i])) for i in range(start, stop)]
-        ).to(device)
-        tokens = tokenizer(list(captions[start:stop])).to(device)
-        img_chunks.append(model.encode_image(pixels).float().cpu())
-        txt_chunks.append(model.encode_text(tokens).float().cpu())
+            [preprocess(rgb_image(images[i], f"pair {uids[i]}")) for i in range(start, stop)]
+        )
+        tokens = tokenizer(list(captions[start:stop]))
+        img, txt = encode_pairs(model, pixels, tokens, device, normalize=False)
+        img_chunks.append(img.cpu())
+        txt_chunks.append(txt.cpu())
         bar.update(stop - start)
     bar.close()
     img = metrics.l2_normalize(torch.cat(img_chunks).numpy()).astype(np.float32)
@@ -379,7 +371,7 @@ def evaluate(run_dir: str | Path, cfg: EvalConfig | None = None) -> dict[str, An
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="capgap eval", description=__doc__)
+    parser = parser or command_parser("capgap eval", __doc__)
     parser.add_argument("run_dir", help="trained run folder (config.yaml + model.safetensors)")
     add_config_args(parser, EvalConfig, default_config="eval")
     return parser

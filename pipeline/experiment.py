@@ -32,7 +32,9 @@ from scipy.stats import spearmanr
 from capgap.core.config import (
     ConfigError,
     add_config_args,
+    command_parser,
     config_from_args,
+    load_config,
     save_resolved,
     to_dict,
 )
@@ -392,11 +394,58 @@ def mean_shift(cfg: ExperimentConfig) -> dict[str, Any]:
     return summary
 
 
-def curation(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Original vs filtered-only vs recaptioned-only vs both, through the real pipeline."""
-    from capgap.pipeline.demo import curation_arms
+def curation(exp_cfg: ExperimentConfig) -> dict[str, Any]:
+    """Original vs filtered-only vs recaptioned-only vs both, through the real pipeline.
 
-    return curation_arms(cfg)
+    The demo's data, reference, captioner and student (``configs/demo.yaml``); students over
+    ``exp_cfg.seeds`` with the demo's budget of pairs seen.
+    """
+    from capgap.pipeline import demo
+
+    cfg = load_config(demo.DemoConfig, "demo")
+    cfg.out_dir = str(Path(exp_cfg.out_dir) / "curation")
+    data = demo.make_data(cfg)
+    reference, captioner = run_side_by_side(
+        [(demo.train_reference, (cfg, data)), (demo.train_dense_captioner, (cfg, data))],
+        cfg.parallel,
+    )
+    demo.curate_split(cfg, data["web"], reference, None, "filtered")
+    demo.curate_split(cfg, data["web"], reference, captioner, "recaptioned", drop=False)
+    demo.curate_split(cfg, data["web"], reference, captioner, "both")
+    arms = {"original": data["web"]}
+    for label in ("filtered", "recaptioned", "both"):
+        arms[label] = str(Path(cfg.out_dir) / label / "curated" / "*.parquet")
+    budget = demo.pairs_budget(cfg, data["web"])
+    keys = ["l2m", "rmg", "linear_separability", "i2t_r@1", "t2i_r@1", "zs_acc_attr_mean"]
+    runs = [(label, glob, seed) for label, glob in arms.items() for seed in exp_cfg.seeds]
+    jobs = [
+        (
+            demo.train_and_evaluate_student,
+            (cfg, glob, f"students/{label}-s{seed}", budget, seed, data["test"]),
+        )
+        for label, glob, seed in runs
+    ]
+    values = {label: i for i, label in enumerate(arms)}
+    rows = []
+    for (label, _, seed), result in zip(
+        runs, run_side_by_side(jobs, exp_cfg.parallel), strict=True
+    ):
+        rows.append(
+            {"arm": label, "value": values[label], "seed": seed, **{k: result.get(k) for k in keys}}
+        )
+        print(
+            f"[curation] {label} seed={seed}: l2m={result['l2m']:.3f} i2t_r@1={result['i2t_r@1']:.3f}"
+        )
+    table = arm_means(rows, keys)
+    summary = {e["arm"]: {k: e[k] for k in keys} for e in table}
+
+    budget_note = (
+        f"students: {cfg.student.model}, {budget} pairs seen each in whole epochs (the demo's "
+        f"budget, configs/demo.yaml); web split of {cfg.synth.splits['web'].n} rows."
+    )
+    plot = _bar_plot(table, ["l2m", "rmg", "i2t_r@1"])
+    write_results(exp_cfg, "curation", rows, table, keys, summary, plot, budget_note)
+    return summary
 
 
 EXPERIMENTS: dict[str, Callable[[ExperimentConfig], dict[str, Any]]] = {
@@ -409,9 +458,7 @@ EXPERIMENTS: dict[str, Callable[[ExperimentConfig], dict[str, Any]]] = {
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(
-        prog="capgap experiment", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = parser or command_parser("capgap experiment", __doc__)
     parser.add_argument("name", choices=sorted(EXPERIMENTS), help="which claim to reproduce")
     add_config_args(parser, ExperimentConfig, default_config=None)
     return parser

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+from capgap.core.console import quiet_third_party_output
+
 
 def run_side_by_side(jobs: Sequence[tuple[Callable, tuple]], processes: int) -> list[Any]:
     """Run independent ``fn(*args)`` jobs, up to ``processes`` at a time; results in order.
@@ -28,7 +30,10 @@ def run_side_by_side(jobs: Sequence[tuple[Callable, tuple]], processes: int) -> 
     if processes == 1 or len(jobs) <= 1:
         return [fn(*args) for fn, args in jobs]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(processes, len(jobs)), mp_context=context) as pool:
+    workers = min(processes, len(jobs))
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=quiet_third_party_output
+    ) as pool:
         futures = [pool.submit(fn, *args) for fn, args in jobs]
         try:
             return [future.result() for future in futures]

@@ -13,44 +13,27 @@ With ``cache_decoded`` the preprocessed image tensors and the token ids of every
 caption are kept in memory after their first use (the transform and tokenizer
 are deterministic, so later epochs get the same values without decoding or
 tokenising again); for data that fits in RAM, read in the training process
-(``num_workers=0``: worker processes are rebuilt every epoch).
+(``num_workers=0``: worker processes are rebuilt every epoch). Shard patterns expand
+with ``capgap.core.files.expand_paths``; images decode with ``capgap.core.images.rgb_image``.
 
-    ds = ParquetPairs(expand_globs("data/synth/seed/*.parquet"), preprocess, tokenizer, seed=0)
+    ds = ParquetPairs(expand_paths("data/synth/seed/*.parquet"), preprocess, tokenizer, seed=0)
     ds.set_epoch(epoch)
     loader = DataLoader(ds, batch_size=256, num_workers=2, drop_last=True, collate_fn=ds.collate)
 """
 
 from __future__ import annotations
 
-import glob
-import io
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-
-def expand_globs(patterns: str | Sequence[str]) -> list[Path]:
-    """Sorted, de-duplicated files matching comma-separated glob(s) or folders; fails if none."""
-    if isinstance(patterns, str):
-        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
-    files: set[str] = set()
-    for pattern in patterns:
-        matched = []
-        for hit in glob.glob(os.path.expanduser(pattern), recursive=True):
-            # a folder stands for the Parquet shards inside it
-            matched += glob.glob(os.path.join(hit, "*.parquet")) if os.path.isdir(hit) else [hit]
-        if not matched:
-            raise FileNotFoundError(f"no Parquet files match {pattern!r}")
-        files.update(matched)
-    return [Path(f) for f in sorted(files)]
-
+from capgap.core.images import rgb_image
 
 # (shard, row group, row in group), uid, image bytes, caption
 Row = tuple[tuple[str, int, int], str, bytes | None, str | None]
@@ -184,11 +167,11 @@ class ParquetPairs(IterableDataset):
         cached = self._image_cache.get(key) if self.cache_decoded else None
         if cached is not None:
             return cached, caption
+        image = rgb_image(image_bytes, what=f"row {uid}")  # ValueError naming the uid
         try:
-            with Image.open(io.BytesIO(image_bytes)) as img:
-                image = self.transform(img.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise ValueError(f"row {uid}: cannot decode image: {err}") from err
+            image = self.transform(image)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"row {uid}: cannot preprocess image: {err}") from err
         if self.cache_decoded and key is not None:
             self._image_cache[key] = image
         return image, caption

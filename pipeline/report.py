@@ -29,7 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from capgap.core.config import ConfigError, add_config_args, config_from_args, save_resolved
+from capgap.core.config import (
+    ConfigError,
+    add_config_args,
+    command_parser,
+    config_from_args,
+    save_resolved,
+)
 
 # Metric keys of the side-by-side table (rows); a key a run lacks shows as "-".
 DEFAULT_KEYS = [
@@ -423,7 +429,7 @@ def make_report(run_args: Sequence[str | Path], cfg: ReportConfig | None = None)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="capgap report", description=__doc__)
+    parser = parser or command_parser("capgap report", __doc__)
     parser.add_argument("runs", nargs="+", help="run folders with eval.json, or eval JSON paths")
     add_config_args(parser, ReportConfig, default_config=None)
     return parser

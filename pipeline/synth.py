@@ -26,7 +26,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from capgap.core import world
-from capgap.core.config import ConfigError, add_config_args, config_from_args, save_resolved
+from capgap.core.config import (
+    ConfigError,
+    add_config_args,
+    command_parser,
+    config_from_args,
+    save_resolved,
+)
 
 A = len(world.ATTRIBUTE_NAMES)
 
@@ -170,7 +176,7 @@ def run(cfg: SynthConfig, show_progress: bool = True) -> dict[str, list[Path]]:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="capgap synth", description=__doc__)
+    parser = parser or command_parser("capgap synth", __doc__)
     add_config_args(parser, SynthConfig, default_config=None)
     return parser
 

@@ -37,11 +37,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from capgap.core.config import ConfigError, add_config_args, config_from_args, save_resolved
+from capgap.core.config import (
+    ConfigError,
+    add_config_args,
+    command_parser,
+    config_from_args,
+    save_resolved,
+)
 from capgap.core.device import resolve_device
+from capgap.core.files import expand_paths
 from capgap.models.clip_factory import create_clip, save_checkpoint
 from capgap.models.losses import build_loss
-from capgap.pipeline.parquet_data import ParquetPairs, expand_globs
+from capgap.models.optim import lr_at, make_adamw
+from capgap.pipeline.parquet_data import ParquetPairs
 
 
 @dataclass
@@ -135,32 +143,6 @@ class TrainConfig:
 # --- pieces the loop uses ----------------------------------------------------------------------
 
 
-def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at total_steps."""
-    warmup = min(cfg.optim.warmup_steps, max(total_steps - 1, 0))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    floor = cfg.lr * cfg.optim.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; like open_clip, no weight decay on gains, biases, norms and the logit scale/bias."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_" in name
-        (no_decay if exempt else decay).append(p)
-    groups = [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
-    ]
-    o = cfg.optim
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -250,7 +232,7 @@ def train(cfg: TrainConfig) -> Path:
     # Data: Parquet shards streamed by DataLoader workers, a fresh shuffle every epoch.
     d = cfg.data_opts
     dataset = ParquetPairs(
-        expand_globs(cfg.data),
+        expand_paths(cfg.data),
         transform=preprocess,
         tokenizer=tokenizer,
         image_column=d.image_column,
@@ -270,7 +252,9 @@ def train(cfg: TrainConfig) -> Path:
         )
     total_steps = cfg.epochs * steps_per_epoch
 
-    optimizer = make_optimizer(model, cfg)
+    # AdamW; like open_clip, no weight decay on gains, biases, norms and the logit scale/bias.
+    o = cfg.optim
+    optimizer = make_adamw(model, cfg.lr, o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     # Resume: weights, optimizer, scaler, RNG and the step/epoch counters.
@@ -315,7 +299,7 @@ def train(cfg: TrainConfig) -> Path:
         for images, texts in bar:
             images = images.to(device, non_blocking=True)
             texts = texts.to(device, non_blocking=True)
-            lr = lr_at(step, total_steps, cfg)
+            lr = lr_at(step, total_steps, cfg.lr, o.warmup_steps, o.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
@@ -404,11 +388,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(
-        prog="capgap train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = parser or command_parser("capgap train", __doc__)
     add_config_args(parser, TrainConfig, default_config="train")
     return parser
 

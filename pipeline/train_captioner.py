@@ -20,7 +20,6 @@ Settings come from the packaged ``configs/captioner.yaml`` (``train`` section, o
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import time
@@ -34,11 +33,15 @@ from capgap.core import world
 from capgap.core.config import (
     ConfigError,
     add_config_args,
+    command_parser,
     config_from_args,
     load_config,
     save_resolved,
 )
 from capgap.core.device import resolve_device
+from capgap.core.files import expand_paths
+from capgap.core.images import rgb_image
+from capgap.models.optim import lr_at, make_adamw
 from capgap.models.tiny_captioner import TinyCaptionerSpec
 
 
@@ -79,26 +82,12 @@ class TrainCaptionerConfig:
 # --- data ---------------------------------------------------------------------------------------
 
 
-def parquet_files(spec: str) -> list[Path]:
-    """Shards named by a folder (all ``*.parquet`` below it) or a glob; fails when none match."""
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(path.rglob("*.parquet"))
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(path.anchor or ".").glob(str(path.relative_to(path.anchor or "."))))
-    if not files:
-        raise FileNotFoundError(f"no Parquet files at {spec!r}")
-    return files
-
-
 def read_rows(spec: str, columns: Sequence[str], limit: int | None = None) -> dict[str, list]:
     """Read ``columns`` from the shards at ``spec`` (in file order), at most ``limit`` rows."""
     import pyarrow.parquet as pq
 
     out: dict[str, list] = {c: [] for c in columns}
-    for path in parquet_files(spec):
+    for path in expand_paths(spec):
         table = pq.read_table(path, columns=list(columns))
         for c in columns:
             out[c].extend(table.column(c).to_pylist())
@@ -107,17 +96,6 @@ def read_rows(spec: str, columns: Sequence[str], limit: int | None = None) -> di
     if limit is not None:
         out = {c: v[:limit] for c, v in out.items()}
     return out
-
-
-def decode_images(blobs: Sequence[bytes]) -> list:
-    """Encoded image bytes -> RGB PIL images."""
-    from PIL import Image
-
-    images = []
-    for blob in blobs:
-        with Image.open(io.BytesIO(blob)) as im:
-            images.append(im.convert("RGB"))
-    return images
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -165,7 +143,7 @@ def evaluate_captioner(
     captioner = load_captioner(
         CaptionerConfig(model=str(model_dir), batch_size=batch_size, device=device)
     )
-    captions = captioner.caption(decode_images(table["image"]))
+    captions = captioner.caption([rgb_image(b) for b in table["image"]])
     return attribute_accuracy(captions, table)
 
 
@@ -207,7 +185,8 @@ def train_captioner(cfg: TrainCaptionerConfig) -> Path:
 
     started = time.perf_counter()
     table = read_rows(cfg.data, ["image", "caption"], cfg.max_rows)
-    pixels = image_processor(decode_images(table["image"]), return_tensors="pt")["pixel_values"]
+    images = [rgb_image(b) for b in table["image"]]
+    pixels = image_processor(images, return_tensors="pt")["pixel_values"]
     labels = _encode_captions(tokenizer, table["caption"], cfg.model.max_length)
     n = len(labels)
     unknown = int((labels == tokenizer.unk_token_id).sum())
@@ -216,23 +195,9 @@ def train_captioner(cfg: TrainCaptionerConfig) -> Path:
 
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "norm" in name or "ln_" in name else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    # its own rules: decay off for < 2-D tensors and names with "norm" / "ln_", torch's eps,
+    # and a warmup that is never shortened
+    optimizer = make_adamw(model, cfg.lr, cfg.weight_decay, eps=1e-8, no_decay_keys=("norm", "ln_"))
 
     model.train()
     step = 0
@@ -245,8 +210,9 @@ def train_captioner(cfg: TrainCaptionerConfig) -> Path:
             idx = order[start : start + cfg.batch_size]
             batch_labels = labels[idx]
             width = int((batch_labels != -100).sum(1).max())
+            lr = lr_at(step, total, cfg.lr, cfg.warmup_steps, clamp_warmup=False)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = lr
             out = model(
                 pixel_values=pixels[idx].to(device), labels=batch_labels[:, :width].to(device)
             )
@@ -301,7 +267,7 @@ def load_train_config(
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="capgap train-captioner", description=__doc__)
+    parser = parser or command_parser("capgap train-captioner", __doc__)
     add_config_args(parser, TrainCaptionerConfig, default_config="captioner")
     parser.add_argument(
         "--preset",

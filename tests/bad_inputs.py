@@ -517,12 +517,12 @@ class Corpus:
         return {(c.source, c.index): c for c in self.cases}
 
     def read_config(self):
-        from capgap.transforms.read import ReadConfig
+        from capgap.transforms.readers import ReadConfig
 
         return ReadConfig(**self.read_overrides)
 
     def plans(self) -> list:
-        from capgap.transforms.read import discover
+        from capgap.transforms.readers import discover
 
         return [discover(self.read_config(), p) for p in self.patterns]
 
@@ -1002,7 +1002,7 @@ def _run_groups(corpus: Corpus, groups: list[int], out: Path, pipeline) -> Decod
 
     from capgap.transforms.decode import CaptionConfig, DecodeRecords
     from capgap.transforms.dedup import DropDuplicateUids
-    from capgap.transforms.read import ReadRecords, discover
+    from capgap.transforms.readers import ReadRecords, discover
 
     out.mkdir(parents=True, exist_ok=True)
     p = pipeline if pipeline is not None else TestPipeline()

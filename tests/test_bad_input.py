@@ -26,7 +26,7 @@ from bad_inputs import CURATED, ERRORS, KINDS, READERS  # noqa: E402
 
 from capgap.transforms.decode import DecodeConfig, decode_image  # noqa: E402
 from capgap.transforms.reasons import Reason, Stage, outcome_of  # noqa: E402
-from capgap.transforms.write import ERRORS_SCHEMA  # noqa: E402
+from capgap.transforms.schema import ERRORS_SCHEMA  # noqa: E402
 
 #: (kind, reader) -> why the case is expected to fail until someone else's file is fixed.
 KNOWN_BUGS: dict[tuple[str, str], str] = {}

@@ -21,7 +21,7 @@ from capgap.pipeline.synth import SCHEMA, SplitConfig, make_row
 from capgap.transforms.bank import EmbedBank, candidate_count, uid_hash
 from capgap.transforms.decode import CaptionConfig, DecodeConfig
 from capgap.transforms.dedup import FirstRefs
-from capgap.transforms.read import ReadConfig, ReadRecords, discover
+from capgap.transforms.readers import ReadConfig, ReadRecords, discover
 from capgap.transforms.score import ScoreConfig
 
 N_ROWS = 20

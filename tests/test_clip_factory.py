@@ -152,3 +152,22 @@ def test_preprocess_shortcut_matches_open_clip_transform(size, mode):
     reference = preprocess.transform(image.convert("RGB"))
     assert ours.shape == (3, 32, 32)
     assert torch.equal(ours, reference)
+
+
+def test_encode_pairs_encodes_then_normalises():
+    from capgap.models.clip_embed import encode_pairs
+
+    torch.manual_seed(0)
+    model, _, tokenizer = create_clip("capgap-micro-vit")
+    model.eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    tokens = tokenizer(["a red circle", "a square", "a small green star"])
+    img, txt = encode_pairs(model, pixels, tokens, normalize=False)
+    with torch.no_grad():
+        assert torch.equal(img, model.encode_image(pixels).float())
+        assert torch.equal(txt, model.encode_text(tokens).float())
+    unit_img, unit_txt = encode_pairs(model, pixels, tokens, torch.device("cpu"))
+    assert torch.equal(unit_img, torch.nn.functional.normalize(img, dim=-1))
+    assert torch.equal(unit_txt, torch.nn.functional.normalize(txt, dim=-1))
+    assert unit_img.dtype == unit_txt.dtype == torch.float32
+    assert torch.allclose(unit_txt.norm(dim=-1), torch.ones(3), atol=1e-6)

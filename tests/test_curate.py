@@ -213,7 +213,7 @@ def test_recaption_stage_is_wired_behind_the_switch(mixed_input, tmp_path, monke
 
             return rows | beam.Map(rewrite)
 
-    monkeypatch.setattr(recaption, "Recaption", FakeRecaption)
+    monkeypatch.setattr(curate, "Recaption", FakeRecaption)
     pattern, _, _ = mixed_input
     output = tmp_path / "recap"
     manifest = curate.run(

@@ -30,7 +30,7 @@ from capgap.transforms.decode import (
     resolve_image_path,
 )
 from capgap.transforms.dedup import DropDuplicateUids
-from capgap.transforms.read import make_record
+from capgap.transforms.readers import make_record
 from capgap.transforms.reasons import Reason, RecordError
 
 

@@ -47,8 +47,8 @@ from capgap.transforms.reasons import (  # noqa: E402
     RecordError,
     outcome_of,
 )
+from capgap.transforms.schema import ERRORS_SCHEMA  # noqa: E402
 from capgap.transforms.score import ScoreConfig, pair_scores  # noqa: E402
-from capgap.transforms.write import ERRORS_SCHEMA  # noqa: E402
 
 SETTINGS = settings(
     max_examples=60,

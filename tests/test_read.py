@@ -18,7 +18,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from capgap.transforms.read import ReadConfig, ReadRecords, discover, pattern_base
+from capgap.transforms.readers import ReadConfig, ReadRecords, discover
+from capgap.transforms.readers.discover import pattern_base
 
 
 def png(seed: int = 0, size: int = 20) -> bytes:

@@ -21,7 +21,8 @@ from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bad_inputs  # noqa: E402
 
-from capgap.transforms.read import ReadRecords, record_ref, selection  # noqa: E402
+from capgap.transforms.readers import ReadRecords, record_ref  # noqa: E402
+from capgap.transforms.readers.record import selection  # noqa: E402
 
 
 def _differences(left, right):

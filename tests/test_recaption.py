@@ -270,12 +270,13 @@ def test_failed_batches_keep_their_captions(ved_dir):
                     r["caption"],
                     r["recaption_status"],
                     (r["recaption_error"] or "").split(":")[0],
+                    f"row {r['uid']}" in (r["recaption_error"] or ""),  # names the failed row
                 )
             ),
             equal_to(
                 [
-                    (good["uid"], H.CAPTIONS[0], "recaptioned", ""),
-                    (bad["uid"], bad["caption"], "kept_original_error", "UnidentifiedImageError"),
+                    (good["uid"], H.CAPTIONS[0], "recaptioned", "", False),
+                    (bad["uid"], bad["caption"], "kept_original_error", "ValueError", True),
                 ]
             ),
         )

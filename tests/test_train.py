@@ -14,9 +14,11 @@ import torch
 import yaml
 from PIL import Image
 
+from capgap.core.files import expand_paths
 from capgap.models.clip_factory import create_clip, load_run
+from capgap.models.optim import lr_at
 from capgap.pipeline import synth, train
-from capgap.pipeline.parquet_data import ParquetPairs, expand_globs, plan_units
+from capgap.pipeline.parquet_data import ParquetPairs, plan_units
 from capgap.pipeline.train import TrainConfig
 
 
@@ -43,7 +45,7 @@ def _uids(dataset: ParquetPairs, num_workers: int) -> list[str]:
 
 @pytest.mark.parametrize("num_workers", [0, 2, 3])
 def test_every_row_once_per_epoch_across_workers(seed_split, micro, num_workers):
-    ds = ParquetPairs(expand_globs(seed_split), *micro, rows_per_unit=10, shuffle_buffer=8)
+    ds = ParquetPairs(expand_paths(seed_split), *micro, rows_per_unit=10, shuffle_buffer=8)
     uids = _uids(ds, num_workers)
     assert len(uids) == 96 == ds.num_rows
     assert Counter(uids).most_common(1)[0][1] == 1
@@ -51,7 +53,7 @@ def test_every_row_once_per_epoch_across_workers(seed_split, micro, num_workers)
 
 
 def test_shuffle_is_seeded_and_changes_with_epoch(seed_split, micro):
-    files = expand_globs(seed_split)
+    files = expand_paths(seed_split)
     a = _uids(ParquetPairs(files, *micro, seed=1, rows_per_unit=16), 0)
     b = _uids(ParquetPairs(files, *micro, seed=1, rows_per_unit=16), 0)
     ds = ParquetPairs(files, *micro, seed=1, rows_per_unit=16)
@@ -64,7 +66,7 @@ def test_shuffle_is_seeded_and_changes_with_epoch(seed_split, micro):
 
 
 def test_batches_per_epoch_matches_loader(seed_split, micro):
-    ds = ParquetPairs(expand_globs(seed_split), *micro, rows_per_unit=10)
+    ds = ParquetPairs(expand_paths(seed_split), *micro, rows_per_unit=10)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=7, num_workers=2, drop_last=True, collate_fn=ds.collate
     )
@@ -114,9 +116,9 @@ def test_missing_column_fails_early(tmp_path, micro):
     _write_pairs(tmp_path / "nocap.parquet", [{"uid": "a", "image": _png()}])
     with pytest.raises(ValueError, match="caption"):
         ParquetPairs([tmp_path / "nocap.parquet"], *micro)
-    with pytest.raises(FileNotFoundError):
-        expand_globs(str(tmp_path / "none-*.parquet"))
-    assert expand_globs(str(tmp_path)) == [tmp_path / "nocap.parquet"]  # a folder = its shards
+    with pytest.raises(FileNotFoundError, match="no Parquet files match"):
+        expand_paths(str(tmp_path / "none-*.parquet"))
+    assert expand_paths(str(tmp_path)) == [tmp_path / "nocap.parquet"]  # a folder = its shards
 
 
 def test_plan_units_cuts_row_groups(tmp_path):
@@ -132,9 +134,7 @@ def test_plan_units_cuts_row_groups(tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    cfg = TrainConfig(lr=1.0)
-    cfg.optim.warmup_steps = 4
-    lrs = [train.lr_at(s, 20, cfg) for s in range(20)]
+    lrs = [lr_at(s, 20, 1.0, warmup_steps=4) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
     assert lrs[-1] < 0.05
@@ -252,7 +252,7 @@ def test_bad_config_is_rejected():
 
 
 def test_collate_tokenises_the_batch_like_row_by_row(seed_split, micro):
-    ds = ParquetPairs(expand_globs(seed_split), *micro, shuffle=False)
+    ds = ParquetPairs(expand_paths(seed_split), *micro, shuffle=False)
     rows = [pair for pair, _ in zip(ds, range(5), strict=False)]
     images, tokens = ds.collate(rows)
     assert images.shape == (5, 3, 32, 32)
@@ -261,7 +261,7 @@ def test_collate_tokenises_the_batch_like_row_by_row(seed_split, micro):
 
 
 def test_decoded_cache_gives_the_same_batches_without_decoding_again(seed_split, micro):
-    files = expand_globs(seed_split)
+    files = expand_paths(seed_split)
     plain = ParquetPairs(files, *micro, seed=2, rows_per_unit=16)
     cached = ParquetPairs(files, *micro, seed=2, rows_per_unit=16, cache_decoded=True)
     opened = []

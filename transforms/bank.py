@@ -43,7 +43,7 @@ import numpy as np
 from capgap.models.clip_handler import ClipModelConfig
 from capgap.transforms.decode import CaptionConfig, DecodeConfig, DecodeRecords
 from capgap.transforms.embed import EmbedPairs
-from capgap.transforms.read import InputPlan, ReadRecords
+from capgap.transforms.readers import InputPlan, ReadRecords
 from capgap.transforms.score import ScoreConfig
 
 BANK_NAMESPACE = "capgap_bank"

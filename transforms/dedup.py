@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from capgap.transforms.read import record_ref
+from capgap.transforms.readers import record_ref
 from capgap.transforms.reasons import Reason, Stage, error_row
 from capgap.transforms.schema import ERRORS
 

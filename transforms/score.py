@@ -161,6 +161,10 @@ def pair_scores(
 # --- Beam transforms -------------------------------------------------------------------------
 
 
+# Keys of an embedded row that only scoring and the bank use; scored rows go on without them.
+_MODEL_ONLY = frozenset({"image_embedding", "text_embedding", "logit_scale"})
+
+
 class _ScoreFn(beam.DoFn):
     """(uid, row) -> (uid, row with scores), ``batch_size`` rows per matrix product.
 
@@ -210,7 +214,7 @@ class _ScoreFn(beam.DoFn):
             exclude=[self._index.get(uid) for uid, _ in batch],
         )
         for i, (uid, row) in enumerate(batch):
-            out = {k: v for k, v in row.items() if k not in ("image_embedding", "text_embedding")}
+            out = {k: v for k, v in row.items() if k not in _MODEL_ONLY}
             for name, values in scores.items():
                 out[name] = float(values[i])
             yield uid, out

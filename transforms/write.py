@@ -12,7 +12,7 @@ by :class:`RowsToArrowFn`, which builds the Arrow columns straight from the row 
 (``WriteToParquet``'s own row-by-row converter costs several times more); the
 passthrough columns (the input's other columns, e.g. DataComp metadata or the
 synthetic world's labels) are appended to the row schema, typed as discovered by
-:func:`capgap.transforms.read.discover`.
+:func:`capgap.transforms.readers.discover`.
 """
 
 from __future__ import annotations

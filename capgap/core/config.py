@@ -293,6 +293,14 @@ def _leaf_fields(cls: type) -> list[tuple[str, Any, Any]]:
     return out
 
 
+def command_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The parser of a ``capgap`` command: its module docstring as the description, with the
+    docstring's line breaks kept (its examples stay one per line)."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type, default_config: str | None) -> None:
     """Add ``--config``, ``--set`` and one snake_case flag per top-level scalar field of ``cls``."""
     parser.add_argument(

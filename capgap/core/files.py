@@ -24,6 +24,12 @@ def split_patterns(patterns: str | Sequence[str]) -> list[str]:
     return [str(p).strip() for p in patterns if str(p).strip()]
 
 
+def _kind(suffix: str) -> str:
+    """``".parquet"`` -> ``"Parquet "`` (for messages); ``""`` -> ``""``."""
+    name = suffix.lstrip(".")
+    return "Parquet " if name == "parquet" else f"{name} " if name else ""
+
+
 def expand_paths(
     patterns: str | os.PathLike | Sequence[str],
     suffix: str = ".parquet",
@@ -45,6 +51,6 @@ def expand_paths(
             else:
                 matched.append(hit)
         if not matched and not allow_empty:
-            raise FileNotFoundError(f"no {suffix.lstrip('.') or ''} files match {pattern!r}")
+            raise FileNotFoundError(f"no {_kind(suffix)}files match {pattern!r}")
         files.update(matched)
     return [Path(f) for f in sorted(files)]

@@ -1,0 +1,91 @@
+"""``_ReadFn``: the base DoFn of the readers (uid choice, image root, selection, counters).
+
+A reader subclasses it and implements ``records(task, wanted)`` for one task (a shard,
+or an HF index range); ``process`` applies the selection and counts ``rows_in``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from capgap.transforms.readers.discover import InputPlan, relative_name
+from capgap.transforms.readers.record import (
+    _error,
+    _make_encodable,
+    derived_uid,
+    make_record,
+    record_ref,
+    selection,
+)
+from capgap.transforms.reasons import Reason
+
+
+class _ReadFn(beam.DoFn):
+    """Shared bookkeeping of the readers: uid choice, image-root choice, selection, counters.
+
+    ``index_only``: emit ``(uid, (source, index))`` instead of records, reading no more of
+    each shard than the uids need. ``process``'s ``select`` (a ``{uid: ref}`` dict, from a
+    side input) keeps only the records at those refs; readers of tables skip the other rows
+    before converting them to Python.
+    """
+
+    def __init__(self, plan: InputPlan, namespace: str = "capgap", index_only: bool = False):
+        self.plan = plan
+        self.namespace = namespace
+        self.index_only = index_only
+        self._select_id: int | None = None
+        self._wanted: dict[str, frozenset[int]] | None = None
+
+    def setup(self) -> None:
+        self.rows_in = Metrics.counter(self.namespace, "rows_in")
+        self.shard_errors = Metrics.counter(self.namespace, "shards_unreadable")
+
+    def process(self, task: Any, select: dict[str, Any] | None = None) -> Iterator[Any]:
+        if select is None:
+            wanted = None
+        else:
+            if self._select_id != id(select):
+                self._select_id, self._wanted = id(select), selection(select)
+            wanted = self._wanted
+        for uid, record in self.records(task, wanted):
+            if wanted is not None and record["source_index"] not in wanted.get(
+                record["source"], ()
+            ):
+                continue
+            self.rows_in.inc()
+            yield (uid, record_ref(record)) if self.index_only else (uid, record)
+
+    def records(
+        self, task: Any, wanted: dict[str, frozenset[int]] | None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(uid, record) for every row of one task (a shard, or an HF index range); readers
+        may leave out rows that ``wanted`` does not name."""
+        raise NotImplementedError
+
+    def _root(self, path: str) -> str:
+        return self.plan.config.image_root or posixpath.dirname(path) or "."
+
+    def _uid(self, value: Any, source: str, index: int) -> str:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return derived_uid(source, index)
+        if isinstance(value, bytes):
+            return value.decode("utf-8", errors="backslashreplace")
+        return str(value)
+
+    def _emit(self, **kwargs: Any) -> tuple[str, dict[str, Any]]:
+        record = make_record(**kwargs)
+        _make_encodable(record)
+        return record["uid"], record
+
+    def _shard_error(self, path: str, reason: Reason, err: BaseException | str, index: int = -1):
+        self.shard_errors.inc()
+        source = relative_name(path, self.plan.base_dir)
+        suffix = "shard" if index < 0 else f"tail@{index}"
+        return self._emit(
+            uid=f"{source}#{suffix}", source=source, index=index, error=_error(reason, err)
+        )

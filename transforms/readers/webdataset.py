@@ -1,0 +1,134 @@
+"""WebDataset reader: one tar shard (``key.jpg`` + ``key.txt`` + ``key.json``) -> records.
+
+Members are grouped by key (img2dataset layout); the caption is the ``.txt`` member, else
+a caption field of the ``.json`` one, which is passed through as ``meta_json``. A
+truncated or corrupt tar ends the shard with one error record.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+from apache_beam.io.filesystems import FileSystems
+
+from capgap.transforms.readers.base import _ReadFn
+from capgap.transforms.readers.discover import relative_name
+from capgap.transforms.readers.record import _error
+from capgap.transforms.reasons import Reason
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+
+
+def _unread_tail(tar: tarfile.TarFile) -> str | None:
+    """What follows the point where tarfile stopped, if it is not end-of-archive padding."""
+    try:
+        while True:
+            chunk = tar.fileobj.read(1 << 16)
+            if not chunk:
+                return None
+            if chunk.strip(b"\0"):
+                return "non-zero data follows it"
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        return f"reading on failed: {type(err).__name__}"
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """WebDataset convention: key = path up to the first dot of the basename, ext = the rest."""
+    folder, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    return posixpath.join(folder, stem), ext.lower() if dot else ""
+
+
+class ReadTarFn(_ReadFn):
+    """One WebDataset / img2dataset tar shard (key.jpg + key.txt + key.json) -> records."""
+
+    def records(self, path: str, wanted=None) -> Iterator[tuple[str, dict]]:
+        source = relative_name(path, self.plan.base_dir)
+        try:
+            fh = FileSystems.open(path, compression_type="uncompressed")
+        except (OSError, ValueError) as err:
+            yield self._shard_error(path, Reason.SHARD_UNREADABLE, err)
+            return
+        with fh:
+            try:
+                tar = tarfile.open(fileobj=fh, mode="r|*")  # noqa: SIM115 (closed with fh)
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+                yield self._shard_error(path, Reason.SHARD_UNREADABLE, err)
+                return
+            key, parts, problems, index = None, {}, [], 0
+            members = iter(tar)
+            while True:
+                try:
+                    member = next(members)
+                except StopIteration:
+                    # tarfile ends a stream quietly at a member header with a bad checksum;
+                    # anything but zero padding after that point is unread data.
+                    unread = _unread_tail(tar)
+                    if unread:
+                        if key is not None:
+                            yield self._sample(path, source, index, key, parts, problems)
+                            index += 1
+                        message = f"tar stream ends at an invalid member header; {unread}"
+                        yield self._shard_error(path, Reason.SHARD_TRUNCATED, message, index)
+                        return
+                    break
+                except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+                    if key is not None:
+                        problems.append(_error(Reason.RECORD_UNREADABLE, err))
+                        yield self._sample(path, source, index, key, parts, problems)
+                        index += 1
+                    yield self._shard_error(path, Reason.SHARD_TRUNCATED, err, index=index)
+                    return
+                if not member.isfile():
+                    continue
+                member_key, ext = _split_member(member.name)
+                if member_key != key:
+                    if key is not None:
+                        yield self._sample(path, source, index, key, parts, problems)
+                        index += 1
+                    key, parts, problems = member_key, {}, []
+                try:
+                    handle = tar.extractfile(member)
+                    parts[ext] = handle.read() if handle is not None else b""
+                except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+                    problems.append(_error(Reason.RECORD_UNREADABLE, err))
+                    yield self._sample(path, source, index, key, parts, problems)
+                    index += 1
+                    yield self._shard_error(path, Reason.SHARD_TRUNCATED, err, index=index)
+                    return
+            if key is not None:
+                yield self._sample(path, source, index, key, parts, problems)
+
+    def _sample(self, path, source, index, key, parts, problems):
+        cfg = self.plan.config
+        meta_raw = parts.get("json")
+        meta, meta_text, error = None, None, problems[0] if problems else None
+        if meta_raw is not None:
+            try:
+                meta_text = meta_raw.decode("utf-8")
+                meta = json.loads(meta_text)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                error = error or _error(Reason.METADATA_INVALID, err)
+                meta_text = None
+        meta = meta if isinstance(meta, dict) else {}
+        uid_value = next((meta[c] for c in cfg.uid_columns if meta.get(c) not in (None, "")), None)
+        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        if "txt" in parts:
+            caption: Any = parts["txt"]
+        else:
+            caption = next((meta[c] for c in cfg.caption_columns if c in meta), None)
+        return self._emit(
+            uid=self._uid(uid_value, source, index) if uid_value is not None else key,
+            source=source,
+            index=index,
+            image=image,
+            caption=caption,
+            columns={"meta_json": meta_text},
+            image_root=self._root(path),
+            error=error,
+        )
