@@ -34,9 +34,7 @@ import pyarrow.parquet as pq
 
 from capgap.core.config import (
     ConfigError,
-    add_config_args,
-    command_parser,
-    config_from_args,
+    parse_command,
     save_resolved,
 )
 from capgap.core.files import expand_paths
@@ -333,19 +331,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or command_parser("capgap demo", __doc__)
-    add_config_args(parser, DemoConfig, default_config="demo")
-    return parser
+def _quick_preset(args: argparse.Namespace) -> None:
+    """``--quick`` reads the ``demo_quick`` preset unless another config was named."""
+    if args.cfg__quick and args.config == "demo":
+        args.config = "demo_quick"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.cfg__quick and args.config == "demo":
-        args.config = "demo_quick"
-    try:
-        cfg = config_from_args(DemoConfig, args)
-    except ConfigError as err:
-        raise SystemExit(f"capgap demo: {err}") from err
+    cfg, _ = parse_command(argv, "capgap demo", __doc__, DemoConfig, "demo", section=_quick_preset)
     run_demo(cfg)
     return 0

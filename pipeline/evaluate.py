@@ -36,10 +36,7 @@ from tqdm import tqdm
 
 from capgap.core import world
 from capgap.core.config import (
-    ConfigError,
-    add_config_args,
-    command_parser,
-    config_from_args,
+    parse_command,
     save_resolved,
 )
 from capgap.core.files import expand_paths
@@ -370,19 +367,14 @@ def evaluate(run_dir: str | Path, cfg: EvalConfig | None = None) -> dict[str, An
 # --- CLI --------------------------------------------------------------------------------------
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or command_parser("capgap eval", __doc__)
+def _run_dir_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="trained run folder (config.yaml + model.safetensors)")
-    add_config_args(parser, EvalConfig, default_config="eval")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(EvalConfig, args)
-    except ConfigError as err:
-        raise SystemExit(f"capgap eval: {err}") from err
+    cfg, args = parse_command(
+        argv, "capgap eval", __doc__, EvalConfig, "eval", arguments=_run_dir_argument
+    )
     result = evaluate(args.run_dir, cfg)
     json_path, _ = output_paths(args.run_dir, cfg)
     keys = ["l2m", "rmg", "linear_separability", "i2t_r@1", "t2i_r@1", "zs_acc_object"]

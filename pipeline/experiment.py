@@ -30,11 +30,8 @@ import yaml
 from scipy.stats import spearmanr
 
 from capgap.core.config import (
-    ConfigError,
-    add_config_args,
-    command_parser,
-    config_from_args,
     load_config,
+    parse_command,
     save_resolved,
     to_dict,
 )
@@ -457,18 +454,13 @@ EXPERIMENTS: dict[str, Callable[[ExperimentConfig], dict[str, Any]]] = {
 }
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or command_parser("capgap experiment", __doc__)
+def _name_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(EXPERIMENTS), help="which claim to reproduce")
-    add_config_args(parser, ExperimentConfig, default_config=None)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(ExperimentConfig, args)
-    except ConfigError as err:
-        raise SystemExit(f"capgap experiment: {err}") from err
+    cfg, args = parse_command(
+        argv, "capgap experiment", __doc__, ExperimentConfig, arguments=_name_argument
+    )
     EXPERIMENTS[args.name](cfg)
     return 0

@@ -30,10 +30,7 @@ from typing import Any
 import numpy as np
 
 from capgap.core.config import (
-    ConfigError,
-    add_config_args,
-    command_parser,
-    config_from_args,
+    parse_command,
     save_resolved,
 )
 
@@ -428,19 +425,14 @@ def make_report(run_args: Sequence[str | Path], cfg: ReportConfig | None = None)
     return md
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or command_parser("capgap report", __doc__)
+def _runs_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run folders with eval.json, or eval JSON paths")
-    add_config_args(parser, ReportConfig, default_config=None)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(ReportConfig, args)
-    except ConfigError as err:
-        raise SystemExit(f"capgap report: {err}") from err
+    cfg, args = parse_command(
+        argv, "capgap report", __doc__, ReportConfig, arguments=_runs_argument
+    )
     md = make_report(args.runs, cfg)
     print(f"wrote {md}")
     return 0

@@ -12,7 +12,6 @@ content of a row never depends on the shard count or on the other rows.
 
 from __future__ import annotations
 
-import argparse
 import io
 import zlib
 from collections.abc import Iterator, Sequence
@@ -27,10 +26,7 @@ from tqdm import tqdm
 
 from capgap.core import world
 from capgap.core.config import (
-    ConfigError,
-    add_config_args,
-    command_parser,
-    config_from_args,
+    parse_command,
     save_resolved,
 )
 
@@ -175,18 +171,8 @@ def run(cfg: SynthConfig, show_progress: bool = True) -> dict[str, list[Path]]:
     return written
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or command_parser("capgap synth", __doc__)
-    add_config_args(parser, SynthConfig, default_config=None)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(SynthConfig, args)
-    except ConfigError as err:
-        raise SystemExit(f"capgap synth: {err}") from err
+    cfg, _ = parse_command(argv, "capgap synth", __doc__, SynthConfig)
     written = run(cfg)
     for name, paths in written.items():
         rows = sum(pq.read_metadata(p).num_rows for p in paths)

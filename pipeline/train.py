@@ -20,7 +20,6 @@ In Python: ``train(TrainConfig(data=..., out_dir=...)) -> Path`` (the out_dir).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -38,10 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from capgap.core.config import (
-    ConfigError,
-    add_config_args,
-    command_parser,
-    config_from_args,
+    parse_command,
     save_resolved,
 )
 from capgap.core.device import resolve_device
@@ -387,18 +383,8 @@ def train(cfg: TrainConfig) -> Path:
 # --- command line ------------------------------------------------------------------------------
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or command_parser("capgap train", __doc__)
-    add_config_args(parser, TrainConfig, default_config="train")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(TrainConfig, args)
-    except ConfigError as err:
-        raise SystemExit(f"capgap train: {err}") from err
+    cfg, _ = parse_command(argv, "capgap train", __doc__, TrainConfig, "train")
     out = train(cfg)
     print(f"model: {out / 'model.safetensors'}")
     return 0

@@ -32,10 +32,8 @@ import numpy as np
 from capgap.core import world
 from capgap.core.config import (
     ConfigError,
-    add_config_args,
-    command_parser,
-    config_from_args,
     load_config,
+    parse_command,
     save_resolved,
 )
 from capgap.core.device import resolve_device
@@ -266,24 +264,25 @@ def load_train_config(
     return load_config(TrainCaptionerConfig, config, overrides, section=PRESETS[preset])
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or command_parser("capgap train-captioner", __doc__)
-    add_config_args(parser, TrainCaptionerConfig, default_config="captioner")
+def _preset_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         default="default",
         help="section of the config file: default (train) or quick (train_quick)",
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(TrainCaptionerConfig, args, section=PRESETS[args.preset])
-    except ConfigError as err:
-        raise SystemExit(f"capgap train-captioner: {err}") from err
+    cfg, _ = parse_command(
+        argv,
+        "capgap train-captioner",
+        __doc__,
+        TrainCaptionerConfig,
+        "captioner",
+        arguments=_preset_argument,
+        section=lambda args: PRESETS[args.preset],
+    )
     out_dir = train_captioner(cfg)
     metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
     print(

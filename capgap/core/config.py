@@ -331,6 +331,33 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, default_config: 
             )
 
 
+def parse_command(
+    argv: typing.Sequence[str] | None,
+    prog: str,
+    doc: str | None,
+    cls: type[T],
+    default_config: str | None = None,
+    arguments: typing.Callable[[argparse.ArgumentParser], None] | None = None,
+    section: typing.Callable[[argparse.Namespace], str | None] | None = None,
+) -> tuple[T, argparse.Namespace]:
+    """Parse a ``capgap`` command's argv into (its config, the parsed args).
+
+    ``arguments`` adds the command's own arguments (positionals, ...); ``section`` picks the
+    YAML section to read from the parsed args (and may change ``args.config``). A bad
+    config key or value exits with ``"<prog>: <message>"``.
+    """
+    parser = command_parser(prog, doc)
+    if arguments is not None:
+        arguments(parser)
+    add_config_args(parser, cls, default_config)
+    args = parser.parse_args(argv)
+    try:
+        chosen = section(args) if section is not None else None
+        return config_from_args(cls, args, section=chosen), args
+    except ConfigError as err:
+        raise SystemExit(f"{prog}: {err}") from err
+
+
 def config_from_args(cls: type[T], args: argparse.Namespace, section: str | None = None) -> T:
     """Resolve ``cls`` from parsed args made by :func:`add_config_args`."""
     types_by_name = {name: tp for name, tp, _ in _leaf_fields(cls)}

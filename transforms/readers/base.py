@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from capgap.transforms.readers.discover import InputPlan, relative_name
@@ -81,6 +82,15 @@ class _ReadFn(beam.DoFn):
         record = make_record(**kwargs)
         _make_encodable(record)
         return record["uid"], record
+
+    def _open(self, path: str, compression: str | None) -> tuple[Any, Any]:
+        """(file handle, None), or (None, the shard's ``shard_unreadable`` record) when it
+        cannot be opened. ``compression``: Beam's ``compression_type`` (None: by suffix)."""
+        kwargs = {} if compression is None else {"compression_type": compression}
+        try:
+            return FileSystems.open(path, **kwargs), None
+        except (OSError, ValueError) as err:
+            return None, self._shard_error(path, Reason.SHARD_UNREADABLE, err)
 
     def _shard_error(self, path: str, reason: Reason, err: BaseException | str, index: int = -1):
         self.shard_errors.inc()

@@ -10,8 +10,6 @@ import csv
 import zlib
 from collections.abc import Iterator
 
-from apache_beam.io.filesystems import FileSystems
-
 from capgap.transforms.readers.base import _ReadFn
 from capgap.transforms.readers.discover import csv_delimiter, relative_name, text_lines
 from capgap.transforms.readers.record import _error, derived_uid
@@ -24,10 +22,9 @@ class ReadCsvFn(_ReadFn):
     def records(self, path: str, wanted=None) -> Iterator[tuple[str, dict]]:
         plan = self.plan
         source = relative_name(path, plan.base_dir)
-        try:
-            fh = FileSystems.open(path)
-        except (OSError, ValueError) as err:
-            yield self._shard_error(path, Reason.SHARD_UNREADABLE, err)
+        fh, unreadable = self._open(path, None)
+        if unreadable is not None:
+            yield unreadable
             return
         with fh:
             reader = csv.reader(text_lines(fh), delimiter=csv_delimiter(path, plan.config))

@@ -11,7 +11,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
 from capgap.transforms.readers.base import _ReadFn
 from capgap.transforms.readers.discover import relative_name
@@ -25,10 +24,9 @@ class ReadParquetFn(_ReadFn):
 
     def records(self, path: str, wanted=None) -> Iterator[tuple[str, dict]]:
         source = relative_name(path, self.plan.base_dir)
-        try:
-            fh = FileSystems.open(path, compression_type="uncompressed")
-        except (OSError, ValueError) as err:
-            yield self._shard_error(path, Reason.SHARD_UNREADABLE, err)
+        fh, unreadable = self._open(path, "uncompressed")
+        if unreadable is not None:
+            yield unreadable
             return
         with fh:
             try:

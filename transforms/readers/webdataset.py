@@ -14,8 +14,6 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
-from apache_beam.io.filesystems import FileSystems
-
 from capgap.transforms.readers.base import _ReadFn
 from capgap.transforms.readers.discover import relative_name
 from capgap.transforms.readers.record import _error
@@ -49,10 +47,9 @@ class ReadTarFn(_ReadFn):
 
     def records(self, path: str, wanted=None) -> Iterator[tuple[str, dict]]:
         source = relative_name(path, self.plan.base_dir)
-        try:
-            fh = FileSystems.open(path, compression_type="uncompressed")
-        except (OSError, ValueError) as err:
-            yield self._shard_error(path, Reason.SHARD_UNREADABLE, err)
+        fh, unreadable = self._open(path, "uncompressed")
+        if unreadable is not None:
+            yield unreadable
             return
         with fh:
             try:
