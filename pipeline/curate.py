@@ -60,8 +60,9 @@ from capgap.core.config import (
 from capgap.models.clip_handler import ClipModelConfig, model_fingerprint
 from capgap.transforms.accounting import CountOutcomes, counter_values, format_counters
 from capgap.transforms.bank import INDEX_NAMESPACE, EmbedBank, bank_summary
+from capgap.transforms.captions import CaptionConfig
 from capgap.transforms.decide import RECAPTION, Decide, DecideConfig
-from capgap.transforms.decode import CaptionConfig, DecodeConfig, DecodeRecords
+from capgap.transforms.decode import DecodeConfig, DecodeRecords
 from capgap.transforms.dedup import DropDuplicateUids, FirstRefs
 from capgap.transforms.embed import EmbedPairs
 from capgap.transforms.readers import ReadConfig, ReadRecords, discover

@@ -1000,7 +1000,8 @@ def _run_groups(corpus: Corpus, groups: list[int], out: Path, pipeline) -> Decod
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.testing.test_pipeline import TestPipeline
 
-    from capgap.transforms.decode import CaptionConfig, DecodeRecords
+    from capgap.transforms.captions import CaptionConfig
+    from capgap.transforms.decode import DecodeRecords
     from capgap.transforms.dedup import DropDuplicateUids
     from capgap.transforms.readers import ReadRecords, discover
 

@@ -19,7 +19,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from capgap.models.clip_handler import ClipModelConfig
 from capgap.pipeline.synth import SCHEMA, SplitConfig, make_row
 from capgap.transforms.bank import EmbedBank, candidate_count, uid_hash
-from capgap.transforms.decode import CaptionConfig, DecodeConfig
+from capgap.transforms.captions import CaptionConfig
+from capgap.transforms.decode import DecodeConfig
 from capgap.transforms.dedup import FirstRefs
 from capgap.transforms.readers import ReadConfig, ReadRecords, discover
 from capgap.transforms.score import ScoreConfig

@@ -18,15 +18,13 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
+from capgap.transforms.captions import CaptionConfig, _visible, normalise_caption
 from capgap.transforms.decode import (
-    CaptionConfig,
     DecodeConfig,
     DecodeRecords,
-    _visible,
     decode_image,
     decode_record,
     exif_orientation,
-    normalise_caption,
     resolve_image_path,
 )
 from capgap.transforms.dedup import DropDuplicateUids

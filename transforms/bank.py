@@ -41,7 +41,8 @@ import apache_beam as beam
 import numpy as np
 
 from capgap.models.clip_handler import ClipModelConfig
-from capgap.transforms.decode import CaptionConfig, DecodeConfig, DecodeRecords
+from capgap.transforms.captions import CaptionConfig
+from capgap.transforms.decode import DecodeConfig, DecodeRecords
 from capgap.transforms.embed import EmbedPairs
 from capgap.transforms.readers import InputPlan, ReadRecords
 from capgap.transforms.score import ScoreConfig

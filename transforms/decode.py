@@ -14,8 +14,7 @@ scaled, CMYK, 1-bit, ...). A blank image is never substituted. The image written
 ``curated/`` is the original bytes when nothing changed, else a PNG of the
 normalised RGB image; ``decode_notes`` records what was done.
 
-Captions: bytes must be UTF-8; NFC; control and invisible formatting characters
-removed; whitespace collapsed; length bounded.
+Captions are normalised by :mod:`capgap.transforms.captions`.
 
     python -m capgap.transforms.decode IMAGE_FILE   # decode one file, print the result
 """
@@ -26,11 +25,10 @@ import io
 import os
 import posixpath
 import sys
-import unicodedata
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -38,6 +36,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
+from capgap.transforms.captions import CaptionConfig, normalise_caption
 from capgap.transforms.reasons import Reason, RecordError, Stage, error_row, exception_message
 from capgap.transforms.schema import ERRORS
 
@@ -63,83 +62,6 @@ class DecodeConfig:
             raise ValueError("decode.model_max_side must be >= 0 (0: never downscale)")
         if len(self.alpha_background) != 3 or not all(0 <= v <= 255 for v in self.alpha_background):
             raise ValueError("decode.alpha_background must be three values in 0..255")
-
-
-@dataclass
-class CaptionConfig:
-    """Caption normalisation bounds."""
-
-    max_chars: int = 2000  # after normalisation
-    on_too_long: Literal["reject", "truncate"] = "reject"
-
-    def __post_init__(self) -> None:
-        if self.max_chars < 1:
-            raise ValueError("caption.max_chars must be >= 1")
-
-
-# --- captions --------------------------------------------------------------------------------
-
-# Invisible formatting characters that only hide or reorder text (zero-width space, BOM,
-# bidi overrides and isolates, word joiner, soft hyphen). ZWJ / ZWNJ stay: emoji and
-# several scripts need them.
-_INVISIBLE = frozenset(
-    "\u200b\ufeff\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2060\u00ad"
-)
-
-
-def _visible(text: str) -> str:
-    """``text`` without invisible formatting characters; control characters become a space
-    (whitespace ones: tab, newline, ...) or nothing. NFC comes after these removals, so an
-    invisible character between a letter and its combining mark cannot keep the pair apart
-    (and normalising twice changes nothing)."""
-    chars = []
-    for ch in text:
-        if ch in _INVISIBLE:
-            continue
-        if unicodedata.category(ch) == "Cc":
-            chars.append(" " if ch.isspace() else "")
-        else:
-            chars.append(ch)
-    return "".join(chars)
-
-
-def normalise_caption(raw: Any, cfg: CaptionConfig) -> tuple[str, list[str]]:
-    """(normalised caption, notes). Raises :class:`RecordError` with a caption reason."""
-    notes: list[str] = []
-    if raw is None:
-        raise RecordError(Reason.CAPTION_MISSING, "no caption")
-    if isinstance(raw, bytes | bytearray | memoryview):
-        try:
-            text = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise RecordError(Reason.CAPTION_NOT_UTF8, str(err), "UnicodeDecodeError") from err
-    elif isinstance(raw, str):
-        text = raw
-        try:
-            text.encode("utf-8")  # lone surrogates (e.g. CSV bytes read with surrogateescape)
-        except UnicodeEncodeError as err:
-            raise RecordError(Reason.CAPTION_NOT_UTF8, str(err), "UnicodeEncodeError") from err
-    else:
-        raise RecordError(
-            Reason.CAPTION_TYPE_INVALID, f"caption is a {type(raw).__name__}, not text"
-        )
-    if text.isascii() and text.isprintable():
-        # Printable ASCII (most alt-text) holds no control or invisible characters and is
-        # its own NFC form: only the whitespace is left to collapse.
-        text = " ".join(text.split())
-    else:
-        text = " ".join(unicodedata.normalize("NFC", _visible(text)).split())
-    if not text:
-        raise RecordError(Reason.CAPTION_EMPTY, "caption is empty after normalisation")
-    if len(text) > cfg.max_chars:
-        if cfg.on_too_long == "reject":
-            raise RecordError(
-                Reason.CAPTION_TOO_LONG, f"caption has {len(text)} chars > {cfg.max_chars}"
-            )
-        cut = text[: cfg.max_chars]
-        text = cut.rsplit(" ", 1)[0] if " " in cut else cut
-        notes.append("caption_truncated")
-    return text, notes
 
 
 # --- images ----------------------------------------------------------------------------------
