@@ -259,9 +259,9 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     )
     return {
         "records": records,
-        "curated": curated,
-        "rejected": rejected,
-        "errors": errors,
+        CURATED: curated,
+        REJECTED: rejected,
+        ERRORS: errors,
         "scored": scored,
         "bank": bank,
         "counts": counts,

@@ -3,6 +3,10 @@
 - Beam logs "apitools not found, and bigquery client libraries are not available" on the
   root logger each time it is imported without the ``gcp`` extra; capgap uses no BigQuery,
   so the line is dropped (every other record passes).
+- transformers warns "We strongly recommend passing in an `attention_mask`" when a caption
+  that finished early is padded inside ``generate`` (the decoder sees its own padding);
+  the captioner, not the user, calls ``generate``, and the output is right, so it is
+  dropped too.
 - Hugging Face's "Loading weights" / "Writing model shards" bars are turned off when stderr
   is not a terminal (logs of scheduled builds, CI), through ``HF_HUB_DISABLE_PROGRESS_BARS``,
   which transformers reads when it is first imported; a value the user set wins.
@@ -17,20 +21,30 @@ import logging
 import os
 import sys
 
-_NOISE_PREFIXES: tuple[str, ...] = ("apitools not found, and bigquery client libraries",)
+# logger name -> the starts of the messages dropped from it
+_NOISE: dict[str, tuple[str, ...]] = {
+    "": ("apitools not found, and bigquery client libraries",),
+    "transformers.modeling_utils": ("We strongly recommend passing in an `attention_mask`",),
+}
 
 
 class DropThirdPartyNoise(logging.Filter):
-    """Drops the log records listed in ``_NOISE_PREFIXES``; passes every other one."""
+    """Drops the records of one logger whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(_NOISE_PREFIXES)
+        return not record.getMessage().startswith(self.prefixes)
 
 
 def quiet_third_party_output() -> None:
-    """Install the filter on the root logger (once) and turn HF bars off when not on a TTY."""
-    root = logging.getLogger()
-    if not any(isinstance(f, DropThirdPartyNoise) for f in root.filters):
-        root.addFilter(DropThirdPartyNoise())
+    """Install the filters (once; a filter acts on records logged to its own logger, so each
+    sits on the logger that emits the noise) and turn HF bars off when not on a TTY."""
+    for name, prefixes in _NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropThirdPartyNoise) for f in logger.filters):
+            logger.addFilter(DropThirdPartyNoise(prefixes))
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
