@@ -37,8 +37,10 @@ import importlib.metadata
 import json
 import logging
 import posixpath
+import re
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +124,11 @@ class CurateConfig:
         return dataclasses.replace(self.model, **changes)
 
 
+class PipelineFailed(RuntimeError):
+    """The pipeline ran and a step raised: a bug or an infrastructure failure, never bad
+    input (a bad record becomes an ``errors/`` row, a bad config a :class:`ConfigError`)."""
+
+
 class CurateOptions(PipelineOptions):
     """``capgap curate`` flags, as a Beam PipelineOptions view."""
 
@@ -131,7 +138,14 @@ class CurateOptions(PipelineOptions):
         parser.add_argument(
             "--runner_preset",
             default=None,
-            help="Beam options from configs/runners/<name>.yaml (direct, dataflow, spark, flink)",
+            help="Beam options from configs/runners/<name>.yaml "
+            "(direct, portable, dataflow, spark, flink)",
+        )
+        parser.add_argument(
+            "--verbose",
+            action="store_true",
+            default=False,
+            help="print the traceback of every error (a failed pipeline always prints it)",
         )
 
 
@@ -389,11 +403,26 @@ def run_config(
             options = PipelineOptions(list(options or []))
         p = beam.Pipeline(options=options)
     build(p, cfg, started)
-    result = p.run()
-    result.wait_until_finish()
+    try:
+        result = p.run()
+        state = result.wait_until_finish()
+    except Exception as err:
+        raise PipelineFailed(_failure_summary(err)) from err
+    if state is not None and str(state).upper().rsplit(".", 1)[-1] not in ("DONE", "UNKNOWN"):
+        raise PipelineFailed(f"the runner reports the pipeline {state}")
     with FileSystems.open(posixpath.join(cfg.output, MANIFEST)) as fh:
         document = json.loads(fh.read().decode("utf-8"))
     return Manifest(document, counter_values(result))
+
+
+def _failure_summary(err: BaseException) -> str:
+    """One line: the exception, and the step it happened in (Beam appends
+    ``[while running 'Step/Name']`` to what a step raised)."""
+    text = str(err)
+    step = re.findall(r"\[while running '([^']+)'\]", text)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    where = f" in step {step[-1]!r}" if step else ""
+    return f"{type(err).__name__}{where}: {first[:300]}"
 
 
 def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
@@ -413,9 +442,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nAny Beam pipeline option (--runner, --direct_num_workers, ...) is passed on.")
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    verbose = "--verbose" in argv
     try:
         manifest = run(argv)
-    except (ConfigError, FileExistsError, ValueError) as err:
+    except PipelineFailed as err:
+        # Not the user's doing: the traceback is what a bug report needs.
+        traceback.print_exception(err.__cause__ or err)
+        print(f"capgap curate: the pipeline failed: {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as err:
+        # Raised while planning the build (bad config, input that matches nothing, an
+        # output in the way): one line says what to change.
+        if verbose:
+            traceback.print_exc()
         print(f"capgap curate: {err}", file=sys.stderr)
         return 2
     counts = manifest["counts"]

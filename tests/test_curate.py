@@ -245,7 +245,7 @@ def test_bad_config_is_rejected_before_running(tmp_path):
     assert options.get_all_options()["runner"] == "DirectRunner"
 
 
-@pytest.mark.parametrize("preset", ["direct", "dataflow", "spark", "flink"])
+@pytest.mark.parametrize("preset", ["direct", "portable", "dataflow", "spark", "flink"])
 def test_runner_presets(preset):
     flags, overrides = curate.preset_flags(preset)
     assert any(f.startswith("--runner=") for f in flags)
