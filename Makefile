@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.capgap-installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint format bench sdist clean
+.PHONY: demo test lint format bench sdist cluster-check clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+
+# A job service + an EXTERNAL worker pool whose venv has capgap only from the sdist.
+cluster-check: $(STAMP)
+	$(BIN)/python benchmarks/cluster_check.py
 
 sdist: $(STAMP)
 	$(BIN)/python setup.py -q sdist
