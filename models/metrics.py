@@ -100,25 +100,50 @@ def rmg(x: ArrayLike, y: ArrayLike) -> float:
     return float(num / (num + (intra_img + intra_txt) / 2.0))
 
 
+def pair_split(n: int, train_fraction: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of pair indices 0..n-1 into (train, test), both sorted.
+
+    ``int(train_fraction * n)`` pairs (at least 1, at most n - 1) go to train and
+    the rest to test, from one ``np.random.default_rng(seed)`` permutation.
+    """
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    if n < 2:
+        raise ValueError("need at least 2 pairs to split")
+    n_train = min(max(int(train_fraction * n), 1), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[:n_train]), np.sort(perm[n_train:])
+
+
 def linear_separability(
     x: ArrayLike, y: ArrayLike, seed: int = 0, train_fraction: float = 0.8
 ) -> float:
-    """Linear separability of the two modalities (Fahim et al.).
+    """Linear separability of the two modalities (Fahim et al., split by pair).
 
-    A logistic regression (scikit-learn, default L2 penalty, lbfgs) is trained to
-    tell image from caption embeddings on a stratified, seeded ``train_fraction``
-    (80%) of all 2N embeddings; the value is its accuracy on the other 20%.
-    0.5 means the modalities are indistinguishable, 1.0 fully separable.
+    Definition: split the N PAIRS with :func:`pair_split` (seeded; ``train_fraction``
+    = 80% train, image i and caption i always on the same side), fit a logistic
+    regression (scikit-learn, L2 penalty, lbfgs) to label image (0) vs caption (1)
+    on the 2 * n_train training embeddings, and return its accuracy on the
+    2 * n_test embeddings of the held-out pairs.
+
+    This is the protocol of Fahim et al.'s official code (``get_linear_seperability``:
+    one permutation of pair indices, 80/20). 0.5 means the modalities are
+    indistinguishable, 1.0 fully separable. Splitting the 2N embeddings
+    independently instead leaves most test points' partners in the training set
+    and reads below 0.5 when there is no gap (issue 16).
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
 
-    xn, yn = l2_normalize(x), l2_normalize(y)
-    features = np.concatenate([xn, yn], axis=0)
-    labels = np.concatenate([np.zeros(len(xn), dtype=int), np.ones(len(yn), dtype=int)])
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        features, labels, train_size=train_fraction, random_state=seed, stratify=labels
-    )
+    xn, yn = _paired(x, y)
+    train, test = pair_split(len(xn), train_fraction=train_fraction, seed=seed)
+
+    def stack(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        feats = np.concatenate([xn[idx], yn[idx]], axis=0)
+        labels = np.concatenate([np.zeros(len(idx), dtype=int), np.ones(len(idx), dtype=int)])
+        return feats, labels
+
+    x_tr, y_tr = stack(train)
+    x_te, y_te = stack(test)
     clf = LogisticRegression(max_iter=2000, random_state=seed)
     clf.fit(x_tr, y_tr)
     return float(clf.score(x_te, y_te))
