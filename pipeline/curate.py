@@ -379,19 +379,13 @@ class Manifest:
         return {**self.document, "metrics": self.metrics}
 
 
-def run_config(
+def planned_pipeline(
     cfg: CurateConfig,
     beam_options: PipelineOptions | Sequence[str] | None = None,
     test_pipeline: beam.Pipeline | None = None,
-) -> Manifest:
-    """Build and run the curate pipeline for ``cfg``: the typed entry every caller uses.
-
-    ``beam_options``: Beam's ``PipelineOptions`` or their flags (``["--runner=..."]``);
-    default the DirectRunner. ``test_pipeline`` replaces the pipeline (tests).
-
-        manifest = run_config(CurateConfig(input="data/web/*.parquet", output="out/web"))
-        manifest.counts["curated"]
-    """
+) -> beam.Pipeline:
+    """Check ``cfg``, clear an unfinished build and add the curate graph to a pipeline (not
+    yet run). Bad config, input or output raise here, before anything is submitted."""
     validate(cfg)
     prepare_output(cfg)
     started = time.time()
@@ -403,6 +397,25 @@ def run_config(
             options = PipelineOptions(list(options or []))
         p = beam.Pipeline(options=options)
     build(p, cfg, started)
+    return p
+
+
+def run_config(
+    cfg: CurateConfig,
+    beam_options: PipelineOptions | Sequence[str] | None = None,
+    test_pipeline: beam.Pipeline | None = None,
+) -> Manifest:
+    """Build and run the curate pipeline for ``cfg``: the typed entry every caller uses.
+
+    ``beam_options``: Beam's ``PipelineOptions`` or their flags (``["--runner=..."]``);
+    default the DirectRunner. ``test_pipeline`` replaces the pipeline (tests). Waits for the
+    build and returns its manifest; to submit without waiting (a Flex Template launcher),
+    call ``planned_pipeline(cfg, options).run()``.
+
+        manifest = run_config(CurateConfig(input="data/web/*.parquet", output="out/web"))
+        manifest.counts["curated"]
+    """
+    p = planned_pipeline(cfg, beam_options, test_pipeline)
     try:
         result = p.run()
         state = result.wait_until_finish()

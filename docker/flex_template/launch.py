@@ -4,10 +4,10 @@ The launcher image (docker/flex_template/Dockerfile) runs this file with the tem
 parameters as ``--name=value`` flags plus the Dataflow options (``--runner``, ``--project``,
 ``--region``, ``--temp_location``, ``--sdk_container_image``, ``--setup_file``, ...).
 
-It parses and checks the options exactly as ``capgap curate`` does (``curate.parse``,
-``curate.prepare_output``, ``curate.build``) but does not call ``curate.main``: that waits
-for the job and then reads ``manifest.json``, which a Flex Template launch must not do (the
-launcher only builds and submits the graph; the job writes the manifest when it finishes).
+It parses and checks the options exactly as ``capgap curate`` does (``curate.parse``, then
+``curate.planned_pipeline``) and submits the graph, but does not wait as ``curate.main``
+does: a Flex Template launcher only submits, and the job writes its manifest when it
+finishes.
 Exit codes follow ``capgap curate``: 0 submitted, 2 a bad option / input / output.
 """
 
@@ -19,8 +19,6 @@ from collections.abc import Sequence
 
 
 def launch(argv: Sequence[str]) -> int:
-    import apache_beam as beam
-
     from capgap.core.config import ConfigError
     from capgap.pipeline import curate
 
@@ -30,9 +28,7 @@ def launch(argv: Sequence[str]) -> int:
     logging.getLogger().setLevel(logging.INFO)  # the launcher's log shows the submission
     try:
         cfg, options = curate.parse(argv)
-        curate.prepare_output(cfg)
-        pipeline = beam.Pipeline(options=options)
-        curate.build(pipeline, cfg)
+        pipeline = curate.planned_pipeline(cfg, options)
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"capgap curate (flex template): {err}", file=sys.stderr)
         return 2
