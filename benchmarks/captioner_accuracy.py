@@ -94,7 +94,7 @@ def imbalance(model: str, data: Path, clip_run: str, rows: int, bank_size: int) 
         )
 
     bank_idx = range(min(bank_size, len(pixels)))
-    bank_images, _, scale = embed([table["caption"][i] for i in bank_idx], bank_idx)
+    bank_images, bank_texts, scale = embed([table["caption"][i] for i in bank_idx], bank_idx)
     tau = 1.0 / scale
     n = min(rows, len(pixels))
     idx = range(n)
@@ -108,7 +108,13 @@ def imbalance(model: str, data: Path, clip_run: str, rows: int, bank_size: int) 
         scores[name] = np.asarray(
             [
                 pair_scores(
-                    img[i], txt[i], bank_images, tau, cfg, i if i < len(bank_idx) else None
+                    img[i],
+                    txt[i],
+                    bank_images,
+                    tau,
+                    cfg,
+                    i if i < len(bank_idx) else None,
+                    bank_texts=bank_texts,
                 )["imbalance"]
                 for i in idx
             ]

@@ -74,12 +74,15 @@ def pixels(raw: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
 
 
-def reference_bank(embedder: ClipEmbedder, pattern: str, size: int) -> np.ndarray:
-    """Image embeddings of the first ``size`` rows: the bare loop's bank (the pipeline picks
-    its bank by hash, which costs it a pass of its own; the bare loop gets one for free)."""
+def reference_bank(
+    embedder: ClipEmbedder, pattern: str, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image, caption) embeddings of the first ``size`` rows: the bare loop's bank (the
+    pipeline picks its bank by hash, which costs it a pass of its own; the bare loop gets one
+    for free)."""
     table = pq.read_table(shard_paths(pattern)[0], columns=["image", "caption"]).slice(0, size)
     images = [pixels(raw) for raw in table["image"].to_pylist()]
-    return embedder.embed(images, table["caption"].to_pylist())[0]
+    return embedder.embed(images, table["caption"].to_pylist())[:2]
 
 
 def chunks(pattern: str, batch: int, limit: int | None = None):
@@ -101,7 +104,7 @@ def bare_loop(
     embedder: ClipEmbedder,
     pattern: str,
     batch: int,
-    bank: np.ndarray,
+    bank: tuple[np.ndarray, np.ndarray],
     limit: int | None = None,
 ) -> float:
     """Pairs/s of the minimal scorer of the same shards: read ``batch`` rows, decode the PNGs,
@@ -111,7 +114,7 @@ def bare_loop(
     start = time.perf_counter()  # reading is part of the loop's work, as it is the pipeline's
     for raws, captions in chunks(pattern, batch, limit):
         img, txt, _ = embedder.embed([pixels(raw) for raw in raws], captions)
-        batch_scores(img, txt, bank, tau, cfg)
+        batch_scores(img, txt, bank[0], tau, cfg, bank_texts=bank[1])
         done += len(raws)
     return done / (time.perf_counter() - start)
 

@@ -27,7 +27,13 @@ from capgap.transforms.decide import (
 )
 from capgap.transforms.embed import _EmbeddedRowFn
 from capgap.transforms.reasons import Reason
-from capgap.transforms.score import ScoreConfig, ScorePairs, batch_scores, pair_scores
+from capgap.transforms.score import (
+    CERTAINTY_METHODS,
+    ScoreConfig,
+    ScorePairs,
+    batch_scores,
+    pair_scores,
+)
 
 
 def unit(v):
@@ -49,6 +55,7 @@ def _sims(s_self: float, bank_sims, tau: float, **cfg):
     text = np.array([1.0, 0.0])
     image = np.array([s_self, 0.0])
     bank = np.array([[v, 0.0] for v in bank_sims])
+    cfg.setdefault("certainty", "margin")  # these need no bank captions
     return pair_scores(image, text, bank, tau, ScoreConfig(**cfg))
 
 
@@ -83,17 +90,118 @@ def test_imbalance_is_high_for_captions_that_fit_many_images():
 def test_batch_scores_match_pair_scores_and_exclude_self():
     rng = np.random.default_rng(3)
     bank = np.stack([unit(rng.normal(size=8)) for _ in range(20)])
+    bank_texts = np.stack([unit(rng.normal(size=8)) for _ in range(20)])
     images = np.stack([bank[2], unit(rng.normal(size=8))])
-    texts = np.stack([unit(rng.normal(size=8)) for _ in range(2)])
-    for kind in ("rank", "margin"):
-        cfg = ScoreConfig(certainty=kind, imbalance="entropy" if kind == "rank" else "ambiguity")
-        batch = batch_scores(images, texts, bank, 0.07, cfg, exclude=[2, None])
-        for i, exclude in enumerate([2, None]):
-            one = pair_scores(images[i], texts[i], bank, 0.07, cfg, exclude=exclude)
-            for name, value in one.items():
-                assert batch[name][i] == pytest.approx(value)
-    alone = pair_scores(images[0], texts[0], bank[:1], 0.07, ScoreConfig(), exclude=0)
-    assert alone["certainty"] == 1.0 and alone["imbalance"] == 0.0  # an empty bank
+    texts = np.stack([bank_texts[2], unit(rng.normal(size=8))])
+    for kind in CERTAINTY_METHODS:
+        for imbalance in ("ambiguity", "entropy"):
+            cfg = ScoreConfig(certainty=kind, imbalance=imbalance)
+            batch = batch_scores(images, texts, bank, 0.07, cfg, [2, None], bank_texts=bank_texts)
+            for i, exclude in enumerate([2, None]):
+                one = pair_scores(
+                    images[i], texts[i], bank, 0.07, cfg, exclude, bank_texts=bank_texts
+                )
+                for name, value in one.items():
+                    assert batch[name][i] == pytest.approx(value, rel=1e-12, abs=1e-15)
+            # excluding the pair == scoring it against the bank without its row
+            rest = np.delete(np.arange(20), 2)
+            without = pair_scores(
+                images[0], texts[0], bank[rest], 0.07, cfg, bank_texts=bank_texts[rest]
+            )
+            for name, value in without.items():
+                assert batch[name][0] == pytest.approx(value, rel=1e-12, abs=1e-15), (kind, name)
+    for kind in CERTAINTY_METHODS:
+        alone = pair_scores(
+            images[0], texts[0], bank[:1], 0.07, ScoreConfig(certainty=kind), 0, bank_texts[:1]
+        )
+        expected = (1 + alone["clip_score"]) / 2 if kind == "clip" else 1.0
+        assert alone["certainty"] == pytest.approx(expected) and alone["imbalance"] == 0.0
+
+
+def _dual_softmax(s_self, t2i, i2t, tau):
+    """The documented formula, written out: sigma(log(1 + n) - symmetric InfoNCE loss)."""
+    lse_t = math.log(math.exp(s_self / tau) + sum(math.exp(v / tau) for v in t2i))
+    lse_i = math.log(math.exp(s_self / tau) + sum(math.exp(v / tau) for v in i2t))
+    loss = (lse_t + lse_i) / 2 - s_self / tau
+    return 1 / (1 + math.exp(loss - math.log(1 + len(t2i))))
+
+
+def test_certainty_dual_softmax_and_clip_formulas():
+    # text = e0; image = (s, sqrt(1 - s^2)); bank images (v, ...) and bank captions chosen so
+    # that cos(bank_image_j, text) and cos(image, bank_caption_j) are known.
+    s_self, tau = 0.6, 0.1
+    text = np.array([1.0, 0.0, 0.0])
+    image = np.array([s_self, math.sqrt(1 - s_self**2), 0.0])
+    t2i = [0.1, 0.5, 0.7]
+    bank_images = np.array([[v, 0.0, math.sqrt(1 - v * v)] for v in t2i])
+    bank_texts = np.stack([unit([0.2, 0.9, 0.1]), unit([0.9, 0.1, 0.3]), unit([0.0, 0.0, 1.0])])
+    i2t = (bank_texts @ image).tolist()
+    cfg = ScoreConfig(certainty="dual_softmax")
+    got = pair_scores(image, text, bank_images, tau, cfg, bank_texts=bank_texts)
+    assert got["certainty"] == pytest.approx(_dual_softmax(s_self, t2i, i2t, tau), rel=1e-9)
+    assert got["clip_score"] == pytest.approx(s_self)
+    clip = pair_scores(image, text, bank_images, tau, ScoreConfig(certainty="clip"))
+    assert clip["certainty"] == pytest.approx((1 + s_self) / 2)
+    # chance: a pair no more likely than any bank pair, both ways, scores 0.5
+    tie = pair_scores(image, text, np.stack([image] * 3), tau, cfg, bank_texts=np.stack([text] * 3))
+    assert tie["certainty"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="bank_texts"):
+        pair_scores(image, text, bank_images, tau, cfg)
+
+
+def _toy_world(noise=0.0, seed=0):
+    """Images are object + colour directions (4 x 4 kinds, 4 copies each); a specific
+    caption names both, a terse one only the object. The bank holds every image with a
+    specific caption for half of them and a terse one for the other half."""
+    rng = np.random.default_rng(seed)
+    eye = np.eye(9)
+
+    def image(o, c):
+        return unit(eye[o] + eye[4 + c] + noise * rng.normal(size=9))
+
+    images, texts = [], []
+    for o in range(4):
+        for c in range(4):
+            for copy in range(4):
+                images.append(image(o, c))
+                texts.append(unit(eye[o] + eye[4 + c]) if copy % 2 else unit(eye[o]))
+    return image, np.stack(images), np.stack(texts), eye
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.15])
+def test_new_certainty_catches_a_mismatch_but_not_a_terse_caption(noise):
+    image, bank_images, bank_texts, eye = _toy_world(noise)
+    own = image(0, 0)
+    specific, terse = unit(eye[0] + eye[4]), unit(eye[0])
+    wrong = unit(eye[1] + eye[5])  # written for an image of another object and colour
+    wrong_terse = unit(eye[1])  # a terse caption of another object
+    for kind in ("dual_softmax", "clip"):
+        cfg = ScoreConfig(certainty=kind)
+
+        def certainty(text, cfg=cfg):
+            out = pair_scores(own, text, bank_images, 0.05, cfg, bank_texts=bank_texts)
+            return out["certainty"]
+
+        c_spec, c_terse = certainty(specific), certainty(terse)
+        c_wrong, c_wrong_terse = certainty(wrong), certainty(wrong_terse)
+        assert c_spec > c_terse > max(c_wrong, c_wrong_terse), (kind, noise)
+        if kind == "dual_softmax":
+            assert c_spec > 0.5 > c_wrong and c_wrong < 1e-3
+
+
+def test_certainty_stays_in_range_at_extreme_temperatures():
+    rng = np.random.default_rng(5)
+    bank = np.stack([unit(rng.normal(size=6)) for _ in range(30)])
+    bank_texts = np.stack([unit(rng.normal(size=6)) for _ in range(30)])
+    images = np.stack([unit(rng.normal(size=6)) for _ in range(10)] + [bank[0]])
+    texts = np.stack([unit(rng.normal(size=6)) for _ in range(10)] + [bank_texts[0]])
+    for kind in CERTAINTY_METHODS:
+        for tau in (1e-4, 0.01, 1.0, 100.0):
+            out = batch_scores(
+                images, texts, bank, tau, ScoreConfig(certainty=kind), bank_texts=bank_texts
+            )
+            assert np.all(np.isfinite(out["certainty"]))
+            assert np.all((out["certainty"] >= 0) & (out["certainty"] <= 1)), (kind, tau)
 
 
 def test_pair_scores_on_a_toy_world():
