@@ -180,7 +180,11 @@ def alignment(x: ArrayLike, y: ArrayLike, alpha: float = 2.0) -> float:
 
 
 def cone(a: ArrayLike) -> float:
-    """Cone effect (Liang et al. 2022): mean cosine over all pairs i != j of one modality."""
+    """Cone effect (Liang et al. 2022): mean cosine over all pairs i != j of one modality.
+
+    Convention: the diagonal (each embedding with itself, cosine 1) is left out on purpose;
+    a mean over the full matrix would add (1 - cone) / N.
+    """
     an = l2_normalize(a)
     if len(an) < 2:
         raise ValueError("cone needs at least 2 embeddings")
@@ -206,7 +210,9 @@ def retrieval_recall(
 
     Image->text: for image i, the fraction of queries whose own caption i is
     among the k captions of highest cosine; text->image likewise. Values in [0, 1].
-    Keys: ``i2t_r@k`` and ``t2i_r@k``.
+    Keys: ``i2t_r@k`` and ``t2i_r@k``. Convention: a tie with the positive counts as a
+    hit (rank = #candidates scoring strictly higher), on purpose: synthetic captions
+    repeat word for word, and identical captions must not count against each other.
     """
     xn, yn = _paired(x, y)
     sim = xn @ yn.T
@@ -236,13 +242,14 @@ def gap_dimensions(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
 def ablate_gap_dimensions(
     x: ArrayLike, y: ArrayLike, ks: Sequence[int] = (1, 2, 4, 8)
 ) -> dict[str, float]:
-    """Drop the top-k gap dimensions, renormalise, recompute L2M and R@1 (Schrodi et al.).
+    """Drop the top-k gap dimensions, renormalise, recompute the gap and R@1 (Schrodi et al.).
 
     As in the official analysis/gap_ablate_dims.py: rank dimensions by
     |mean_img - mean_txt|, remove the top k from both modalities, L2-normalise
-    the rest, and recompute the gap and retrieval. Also reports the share of the
-    squared gap ||Delta||^2 that the top-k dimensions carry. Keys per k:
-    ``gap_top{k}_share``, ``ablate{k}_l2m``, ``ablate{k}_i2t_r@1``, ``ablate{k}_t2i_r@1``.
+    the rest, and recompute the gap (RMG, upstream's default, and L2M) and retrieval.
+    Also reports the share of the squared gap ||Delta||^2 that the top-k dimensions
+    carry. Keys per k: ``gap_top{k}_share``, ``ablate{k}_l2m``, ``ablate{k}_rmg``,
+    ``ablate{k}_i2t_r@1``, ``ablate{k}_t2i_r@1``.
     """
     xn, yn = _paired(x, y)
     order, abs_diff = gap_dimensions(xn, yn)
@@ -257,6 +264,7 @@ def ablate_gap_dimensions(
         r1 = retrieval_recall(xa, ya, ks=(1,))
         out[f"gap_top{k}_share"] = float((abs_diff[order[:k]] ** 2).sum() / total) if total else 0.0
         out[f"ablate{k}_l2m"] = l2m(xa, ya)
+        out[f"ablate{k}_rmg"] = rmg(xa, ya)
         out[f"ablate{k}_i2t_r@1"] = r1["i2t_r@1"]
         out[f"ablate{k}_t2i_r@1"] = r1["t2i_r@1"]
     return out
@@ -289,6 +297,10 @@ def moad(
     (inter) the label. With several attributes the attribute term is the mean of
     the per-attribute terms. > 0: the space is organised by object more than by
     attribute. Keys: ``moad``, ``obj_margin`` and ``attr_margin_<name>`` per attribute.
+
+    Convention: S is averaged over all unordered pairs i < j of the N embeddings (every
+    class pair once), on purpose; the official code averages the upper triangle of a
+    rectangular class-by-class block, which weighs classes by their size differently.
     """
     if not attribute_labels:
         raise ValueError("MOAD needs at least one attribute")

@@ -217,6 +217,8 @@ def test_gap_dimensions_and_ablation():
     assert out["gap_top1_share"] == pytest.approx(1.0)
     assert metrics.l2m(x, y) == pytest.approx(1.6)
     assert out["ablate1_l2m"] == pytest.approx(0.0, abs=1e-9)
+    assert out["ablate1_rmg"] == pytest.approx(metrics.rmg(x[:, 1:], y[:, 1:]))
+    assert out["ablate1_rmg"] < metrics.rmg(x, y)  # the gap dimension carried the gap
     assert out["ablate1_i2t_r@1"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
         metrics.ablate_gap_dimensions(x, y, ks=(16,))
