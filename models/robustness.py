@@ -257,25 +257,33 @@ def robustness_metrics(
     perturb: Literal["query", "both"] = "query",
     moved: Modality = "image",
     mode: Literal["project", "translate"] = "project",
+    fit: tuple[ArrayLike, ArrayLike] | None = None,
+    shift_prefix: str = "shift_",
+    unshifted: bool = True,
 ) -> dict[str, float]:
     """Flip rates of every task before and after the mean shift, flat.
 
-    The shift is fitted on the paired embeddings ``img`` / ``txt`` (which also
-    serve as quantiser references) and applied to each task's queries and
-    gallery by modality. Keys: those of :func:`task_robustness` for each task,
-    the same prefixed ``shift_`` after the shift (e.g. ``shift_zs_object_clean_acc``),
-    and ``shift_l2m`` (L2M of ``img`` / ``txt`` after the shift).
+    The shift is fitted on ``fit`` = (image, caption) embeddings of held-out pairs when
+    given (Chowers et al. fit it on data from the training distribution, not on the pairs
+    it is evaluated on), else on the evaluated pairs ``img`` / ``txt`` themselves; those
+    also serve as quantiser references. It is applied to each task's queries and gallery
+    by modality. Keys: those of :func:`task_robustness` for each task (unless
+    ``unshifted`` is False), the same prefixed ``shift_prefix`` after the shift (e.g.
+    ``shift_zs_object_clean_acc``), and ``<shift_prefix>l2m`` (L2M of ``img`` / ``txt``
+    after the shift).
     """
     from capgap.models.metrics import l2m
 
     x, y = l2_normalize(img), l2_normalize(txt)
-    shift = MeanShift.fit(x, y, moved=moved, mode=mode)
+    fit_x, fit_y = (x, y) if fit is None else (l2_normalize(fit[0]), l2_normalize(fit[1]))
+    shift = MeanShift.fit(fit_x, fit_y, moved=moved, mode=mode)
     refs = {"image": x, "text": y}
     shifted_refs = {"image": shift.apply(x, "image"), "text": shift.apply(y, "text")}
-    out: dict[str, float] = {"shift_l2m": l2m(shifted_refs["image"], shifted_refs["text"])}
+    out: dict[str, float] = {f"{shift_prefix}l2m": l2m(shifted_refs["image"], shifted_refs["text"])}
     kwargs = dict(sigmas=sigmas, bits=bits, n_trials=n_trials, seed=seed, perturb=perturb)
     for task in tasks:
-        out.update(task_robustness(task, refs, **kwargs))
+        if unshifted:
+            out.update(task_robustness(task, refs, **kwargs))
         shifted = Task(
             name=task.name,
             queries=shift.apply(task.queries, task.query_modality),
@@ -283,5 +291,6 @@ def robustness_metrics(
             query_modality=task.query_modality,
             targets=task.targets,
         )
-        out.update(task_robustness(shifted, shifted_refs, prefix=f"shift_{task.name}", **kwargs))
+        prefix = f"{shift_prefix}{task.name}"
+        out.update(task_robustness(shifted, shifted_refs, prefix=prefix, **kwargs))
     return out

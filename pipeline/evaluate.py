@@ -60,6 +60,10 @@ class RobustnessConfig:
     perturb: Literal["query", "both"] = "query"  # which side of each prediction is perturbed
     moved: Literal["image", "text"] = "image"  # modality the mean shift moves
     mode: Literal["project", "translate"] = "project"  # see capgap.models.robustness
+    # Held-out pairs from the training distribution (Parquet glob), the fit set of the mean
+    # shift as Chowers et al. fit it: keys heldout_shift_*, beside shift_* (fitted on the
+    # evaluated pairs themselves). None: only shift_*.
+    shift_fit_data: str | None = None
 
 
 @dataclass
@@ -197,8 +201,10 @@ def embed_split(
     preprocess: Callable[[Image.Image], torch.Tensor],
     tokenizer: Callable[..., torch.Tensor],
     cfg: EvalConfig,
+    data: str | None = None,
 ) -> EmbeddedSplit:
-    images, captions, uids, labels = read_pairs(cfg.data, cfg)
+    """Embeddings of the first ``max_samples`` pairs of ``data`` (default ``cfg.data``)."""
+    images, captions, uids, labels = read_pairs(data or cfg.data, cfg)
     img, txt = embed_pairs(
         model, preprocess, tokenizer, images, captions, uids, cfg.batch_size, cfg.progress
     )
@@ -208,10 +214,12 @@ def embed_split(
 # --- metrics on embeddings --------------------------------------------------------------------
 
 
-def _zs_means(out: dict[str, Any], tasks: Sequence[str]) -> dict[str, float]:
-    """``zs_mean_<suffix>`` / ``shift_zs_mean_<suffix>``: zero-shot robustness averaged over tasks."""
+def _zs_means(
+    out: dict[str, Any], tasks: Sequence[str], prefixes: Sequence[str] = ("", "shift_")
+) -> dict[str, float]:
+    """``<prefix>zs_mean_<suffix>``: zero-shot robustness averaged over tasks, per prefix."""
     means: dict[str, float] = {}
-    for prefix in ("", "shift_"):
+    for prefix in prefixes:
         first = f"{prefix}zs_{tasks[0]}_"
         for key in [k for k in out if k.startswith(first)]:
             suffix = key[len(first) :]
@@ -221,9 +229,14 @@ def _zs_means(out: dict[str, Any], tasks: Sequence[str]) -> dict[str, float]:
 
 
 def compute_metrics(
-    split: EmbeddedSplit, classifiers: dict[str, np.ndarray] | None, cfg: EvalConfig
+    split: EmbeddedSplit,
+    classifiers: dict[str, np.ndarray] | None,
+    cfg: EvalConfig,
+    shift_fit: EmbeddedSplit | None = None,
 ) -> dict[str, Any]:
-    """Every metric of eval from embeddings (and zero-shot class weights), flat."""
+    """Every metric of eval from embeddings (and zero-shot class weights), flat.
+
+    ``shift_fit``: held-out pairs the mean shift is also fitted on (``heldout_shift_*``)."""
     img, txt = split.img, split.txt
     out: dict[str, Any] = {"n_pairs": len(img), "embed_dim": int(img.shape[1])}
     skipped: list[str] = []
@@ -259,22 +272,28 @@ def compute_metrics(
     tasks.append(robustness.Task("i2t", img, txt, "image", ids))
     tasks.append(robustness.Task("t2i", txt, img, "text", ids))
     rc = cfg.robustness
-    out.update(
-        robustness.robustness_metrics(
-            tasks,
-            img,
-            txt,
-            sigmas=rc.sigmas,
-            bits=rc.bits,
-            n_trials=rc.n_trials,
-            seed=cfg.seed,
-            perturb=rc.perturb,
-            moved=rc.moved,
-            mode=rc.mode,
-        )
+    settings = dict(
+        sigmas=rc.sigmas,
+        bits=rc.bits,
+        n_trials=rc.n_trials,
+        seed=cfg.seed,
+        perturb=rc.perturb,
+        moved=rc.moved,
+        mode=rc.mode,
     )
+    out.update(robustness.robustness_metrics(tasks, img, txt, **settings))
+    prefixes = ["", "shift_"]
+    if shift_fit is not None:
+        fit = (shift_fit.img, shift_fit.txt)
+        out.update(
+            robustness.robustness_metrics(
+                tasks, img, txt, fit=fit, shift_prefix="heldout_shift_", unshifted=False, **settings
+            )
+        )
+        out["heldout_shift_fit_pairs"] = len(shift_fit.img)
+        prefixes.append("heldout_shift_")
     if zs_names:
-        out.update(_zs_means(out, zs_names))
+        out.update(_zs_means(out, zs_names, prefixes))
     out["robustness_sigmas"] = list(rc.sigmas)
     out["robustness_bits"] = list(rc.bits)
     out["zero_shot_tasks"] = zs_names
@@ -300,7 +319,10 @@ def evaluate_model(
         classifiers = zero_shot.build_classifiers(
             model, tokenizer, cfg.zero_shot.templates, batch_size=cfg.batch_size
         )
-    out = compute_metrics(split, classifiers, cfg)
+    shift_fit = None
+    if cfg.robustness.shift_fit_data:
+        shift_fit = embed_split(model, preprocess, tokenizer, cfg, cfg.robustness.shift_fit_data)
+    out = compute_metrics(split, classifiers, cfg, shift_fit)
     out["embed_seconds"] = round(t1 - t0, 3)
     out["metrics_seconds"] = round(time.perf_counter() - t1, 3)
     return out, split

@@ -191,3 +191,26 @@ def test_zero_shot_accuracies_by_hand():
     assert out["zs_acc_attr_mean"] == pytest.approx(0.75)
     with pytest.raises(ValueError, match="not a colour"):
         zero_shot.label_indices("colour", ["mauve"])
+
+
+def test_mean_shift_fitted_on_held_out_pairs(run_dir, split_dir, tmp_path_factory):
+    """Both protocols: shift_* fitted on the evaluated pairs, heldout_shift_* on other pairs
+    of the same distribution (Chowers et al.); fitting on the evaluated pairs themselves
+    through the held-out path reproduces shift_* exactly."""
+    held_out = tmp_path_factory.mktemp("held")
+    synth_run(SynthConfig(out=str(held_out), split="test", n=30, seed=7), show_progress=False)
+    cfg = _cfg(split_dir / "*.parquet")
+    cfg.robustness.shift_fit_data = str(held_out / "test" / "*.parquet")
+    result = ev.evaluate(run_dir, cfg)
+    assert result["heldout_shift_fit_pairs"] == 30
+    for key in (
+        "heldout_shift_l2m",
+        "heldout_shift_zs_mean_flip_noise0.5",
+        "heldout_shift_i2t_flip_int8",
+    ):
+        assert isinstance(result[key], float), key
+    assert result["heldout_shift_l2m"] != result["shift_l2m"]  # another fit set, another shift
+    cfg.robustness.shift_fit_data = str(split_dir / "*.parquet")
+    same = ev.evaluate(run_dir, cfg)
+    assert same["heldout_shift_l2m"] == pytest.approx(same["shift_l2m"])
+    assert same["heldout_shift_zs_mean_flip_noise0.5"] == same["shift_zs_mean_flip_noise0.5"]

@@ -64,12 +64,27 @@ def test_info_imbalance_end_to_end_and_reuse(tmp_path, monkeypatch):
     assert experiment.info_imbalance(cfg) == summary
 
 
-def test_mean_shift_summary_keys(tmp_path):
-    summary = experiment.mean_shift(tiny_config(tmp_path))
-    assert [p["sigma"] for p in summary["per_sigma"]] == [0.3]
-    for key in ("clean_acc_before", "clean_acc_after", "l2m_before", "l2m_after"):
+def test_mean_shift_reports_both_protocols(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    summary = experiment.mean_shift(cfg)
+    for key in ("clean_acc_before", "l2m_before"):
         assert isinstance(summary[key], float)
-    assert isinstance(summary["claim_lower_flip_in_range"], bool)
+    for protocol in ("fit_on_held_out", "fit_on_test"):
+        part = summary[protocol]
+        assert [p["sigma"] for p in part["per_sigma"]] == [0.3]
+        assert isinstance(part["clean_acc_after"], float) and isinstance(part["l2m_after"], float)
+        assert isinstance(part["claim_lower_flip_in_range"], bool)
+    assert summary["fit_on_held_out"]["l2m_after"] != summary["fit_on_test"]["l2m_after"]
+    eval_config = tmp_path / "mean-shift" / "runs" / "web-s0" / "eval_config.yaml"
+    assert "mean-shift-fit" in eval_config.read_text()  # the held-out split was the fit set
+
+    # a changed eval config re-evaluates the finished run without training it again
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(experiment, "train", no_training)
+    cfg.eval.robustness.n_trials = 2
+    assert experiment.mean_shift(cfg)["fit_on_test"]["per_sigma"][0]["sigma"] == 0.3
 
 
 def test_cli_rejects_unknown_key():
