@@ -47,11 +47,14 @@ from capgap.pipeline.train_captioner import TrainCaptionerConfig, train_captione
 
 # Headline metrics: (key in eval.json, label, better when)
 HEADLINE: list[tuple[str, str, str]] = [
-    ("l2m", "L2M gap", "lower"),
+    ("l2m", "L2M gap, dense test captions", "lower"),
     ("rmg", "RMG", "lower"),
     ("linear_separability", "linear separability", "lower"),
-    ("i2t_r@1", "image->text R@1", "higher"),
-    ("t2i_r@1", "text->image R@1", "higher"),
+    ("i2t_r@1", "image->text R@1, dense test captions", "higher"),
+    ("t2i_r@1", "text->image R@1, dense test captions", "higher"),
+    ("terse_l2m", "L2M gap, terse test captions", "lower"),
+    ("terse_i2t_r@1", "image->text R@1, terse test captions", "higher"),
+    ("terse_t2i_r@1", "text->image R@1, terse test captions", "higher"),
     ("zs_acc_object", "zero-shot object acc", "higher"),
     ("zs_acc_attr_mean", "zero-shot attribute acc (mean)", "higher"),
     ("zs_mean_flip_noise0.3", "zero-shot flip rate, sigma 0.3", "lower"),

@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +85,9 @@ class EvalConfig:
     )
     image_column: str = "image"
     caption_column: str = "caption"
+    # Other caption columns of the same images, each a test view with gap and retrieval
+    # metrics prefixed by its name (e.g. terse: caption_terse -> terse_l2m, terse_i2t_r@1).
+    views: dict[str, str] = field(default_factory=dict)
     recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     ablate_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     save_embeddings: bool = field(default=True, metadata={"help": "write embeddings.npz"})
@@ -301,6 +304,31 @@ def compute_metrics(
     return out
 
 
+def view_metrics(
+    model: torch.nn.Module,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    tokenizer: Callable[..., torch.Tensor],
+    cfg: EvalConfig,
+    view: str,
+    column: str,
+    skipped: list[str],
+) -> dict[str, float]:
+    """Gap and retrieval of the same images with the captions in ``column``, keys prefixed
+    ``<view>_`` (L2M, RMG, linear separability, R@k both ways); a missing column is skipped."""
+    if column not in pq.read_schema(expand_paths(cfg.data)[0]).names:
+        skipped.append(f"view {view}: no column {column!r} in {cfg.data}")
+        return {}
+    split = embed_split(model, preprocess, tokenizer, replace(cfg, caption_column=column))
+    img, txt = split.img, split.txt
+    out = {
+        "l2m": metrics.l2m(img, txt),
+        "rmg": metrics.rmg(img, txt),
+        "linear_separability": metrics.linear_separability(img, txt, seed=cfg.seed),
+        **metrics.retrieval_recall(img, txt, ks=cfg.recall_ks),
+    }
+    return {f"{view}_{key}": value for key, value in out.items()}
+
+
 # --- whole evaluation -------------------------------------------------------------------------
 
 
@@ -323,6 +351,8 @@ def evaluate_model(
     if cfg.robustness.shift_fit_data:
         shift_fit = embed_split(model, preprocess, tokenizer, cfg, cfg.robustness.shift_fit_data)
     out = compute_metrics(split, classifiers, cfg, shift_fit)
+    for view, column in cfg.views.items():
+        out.update(view_metrics(model, preprocess, tokenizer, cfg, view, column, out["skipped"]))
     out["embed_seconds"] = round(t1 - t0, 3)
     out["metrics_seconds"] = round(time.perf_counter() - t1, 3)
     return out, split

@@ -40,10 +40,19 @@ class SplitConfig:
     k_weights: list[float] = field(default_factory=lambda: [0.0] * A + [1.0])
     k: int | None = None
     mismatch_rate: float = 0.0
+    # A second caption of the same item in ``caption_terse``, naming k attributes drawn from
+    # these weights, never mismatched: the web-style view of a test split's images.
+    terse_k_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.k_weights) != A + 1:
             raise ValueError(f"k_weights needs {A + 1} entries (k = 0..{A})")
+        if self.terse_k_weights is not None and (
+            len(self.terse_k_weights) != A + 1
+            or any(w < 0 for w in self.terse_k_weights)
+            or sum(self.terse_k_weights) <= 0
+        ):
+            raise ValueError(f"terse_k_weights needs {A + 1} non-negative entries, sum > 0")
         if any(w < 0 for w in self.k_weights) or sum(self.k_weights) <= 0:
             raise ValueError("k_weights must be non-negative with a positive sum")
         if self.k is not None and not 0 <= self.k <= A:
@@ -56,7 +65,7 @@ def _default_splits() -> dict[str, SplitConfig]:
     return {
         "seed": SplitConfig(n=4000),
         "web": SplitConfig(n=6000, k_weights=[0.2, 0.3, 0.25, 0.15, 0.1, 0.0], mismatch_rate=0.1),
-        "test": SplitConfig(n=1000),
+        "test": SplitConfig(n=1000, terse_k_weights=[0.2, 0.3, 0.25, 0.15, 0.1, 0.0]),
     }
 
 
@@ -93,6 +102,16 @@ SCHEMA = pa.schema(
 )
 
 
+TERSE_COLUMN = "caption_terse"
+
+
+def split_schema(split: SplitConfig) -> pa.Schema:
+    """:data:`SCHEMA`, plus ``caption_terse`` when the split writes that view."""
+    if split.terse_k_weights is None:
+        return SCHEMA
+    return SCHEMA.append(pa.field(TERSE_COLUMN, pa.string(), nullable=False))
+
+
 def _split_id(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
@@ -117,7 +136,7 @@ def make_row(
     buffer = io.BytesIO()
     # Pixel noise does not compress, so zlib level 0 gives the same size in half the time.
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=0)
-    return {
+    row = {
         "uid": f"{split_name}-{index:08d}",
         "image": buffer.getvalue(),
         "caption": world.caption(described, named_attributes),
@@ -126,6 +145,13 @@ def make_row(
         "named_attributes": named_attributes,
         "mismatched": mismatched,
     }
+    if split.terse_k_weights is not None:
+        # A stream of its own, so the split's other columns do not change with the view.
+        view = np.random.default_rng([seed, _split_id(split_name), index, 1])
+        k_terse = int(view.choice(A + 1, p=_normalised(split.terse_k_weights)))
+        named_terse = sorted(view.choice(A, size=k_terse, replace=False).tolist())
+        row[TERSE_COLUMN] = world.caption(item, [world.ATTRIBUTE_NAMES[i] for i in named_terse])
+    return row
 
 
 def _normalised(weights: Sequence[float]) -> np.ndarray:
@@ -153,7 +179,7 @@ def write_split(cfg: SynthConfig, split_name: str, show_progress: bool = True) -
         for index in range(start, stop):
             rows.append(make_row(index, split_name, split, cfg.seed, cfg.image_size, cfg.noise_std))
             bar.update(1)
-        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        table = pa.Table.from_pylist(rows, schema=split_schema(split))
         path = out_dir / f"{split_name}-{shard:05d}-of-{cfg.shards:05d}.parquet"
         tmp = path.with_suffix(".parquet.tmp")
         pq.write_table(table, tmp)

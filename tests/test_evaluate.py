@@ -15,7 +15,7 @@ from capgap.core.config import ConfigError, load_config
 from capgap.models import metrics, zero_shot
 from capgap.models.clip_factory import create_clip, save_checkpoint
 from capgap.pipeline import evaluate as ev
-from capgap.pipeline.synth import SynthConfig
+from capgap.pipeline.synth import SplitConfig, SynthConfig
 from capgap.pipeline.synth import run as synth_run
 
 
@@ -214,3 +214,20 @@ def test_mean_shift_fitted_on_held_out_pairs(run_dir, split_dir, tmp_path_factor
     same = ev.evaluate(run_dir, cfg)
     assert same["heldout_shift_l2m"] == pytest.approx(same["shift_l2m"])
     assert same["heldout_shift_zs_mean_flip_noise0.5"] == same["shift_zs_mean_flip_noise0.5"]
+
+
+def test_views_measure_the_same_images_with_other_captions(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("viewed")
+    split = SplitConfig(n=40, terse_k_weights=[0.2, 0.3, 0.25, 0.15, 0.1, 0.0])
+    synth_run(SynthConfig(out=str(out), split="test", n=40, splits={"test": split}), False)
+    cfg = _cfg(out / "test" / "*.parquet")
+    cfg.views = {"terse": "caption_terse", "nothing": "no_such_column"}
+    result = ev.evaluate(run_dir, cfg)
+    for key in ("terse_l2m", "terse_rmg", "terse_linear_separability", "terse_i2t_r@1"):
+        assert isinstance(result[key], float), key
+    assert result["terse_l2m"] != result["l2m"]  # other captions, same images
+    assert result["skipped"] == ["view nothing: no column 'no_such_column' in " + cfg.data]
+    cfg.caption_column, cfg.views = "caption_terse", {}
+    direct = ev.evaluate(run_dir, cfg)  # the view equals evaluating that column directly
+    assert direct["l2m"] == pytest.approx(result["terse_l2m"])
+    assert direct["i2t_r@1"] == result["terse_i2t_r@1"]

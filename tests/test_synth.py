@@ -128,3 +128,20 @@ def test_invalid_split_config_is_rejected():
         synth.SplitConfig(k_weights=[1.0])
     with pytest.raises(ValueError, match="image_size"):
         synth.SynthConfig(image_size=16)
+
+
+def test_terse_view_is_the_same_item_with_fewer_attributes():
+    dense = synth.SplitConfig(n=50)
+    viewed = synth.SplitConfig(n=50, terse_k_weights=[0.5, 0.5, 0, 0, 0, 0])
+    for i in range(50):
+        a = synth.make_row(i, "test", dense, 0, 32, 0.05)
+        b = synth.make_row(i, "test", viewed, 0, 32, 0.05)
+        terse = b.pop(synth.TERSE_COLUMN)
+        assert a == b  # the view has a stream of its own: the split is otherwise unchanged
+        parsed = world.parse_caption(terse)
+        assert parsed["object"] == a["object"]  # never mismatched
+        named = [name for name in world.ATTRIBUTE_NAMES if parsed.get(name) is not None]
+        assert len(named) <= 1 and all(parsed[name] == a[name] for name in named)
+    assert synth.split_schema(viewed).names == [*synth.SCHEMA.names, synth.TERSE_COLUMN]
+    with pytest.raises(ValueError, match="terse_k_weights"):
+        synth.SplitConfig(terse_k_weights=[1.0])
