@@ -102,6 +102,13 @@ class CurateConfig:
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (model.device)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a previous build"})
     num_shards: int = field(default=0, metadata={"help": "shards per output (0: runner decides)"})
+    max_error_fraction: float = field(
+        default=0.9,
+        metadata={
+            "help": "exit non-zero (3) when errors/ holds more than this share of the input "
+            "rows: a wrong column or an unreachable image root fails every row (1: never)"
+        },
+    )
     read: ReadConfig = field(default_factory=ReadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
@@ -113,6 +120,8 @@ class CurateConfig:
     def __post_init__(self) -> None:
         if self.num_shards < 0:
             raise ValueError("num_shards must be >= 0")
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise ValueError("max_error_fraction must be in [0, 1]")
 
     def model_config(self) -> ClipModelConfig:
         """``model`` with the top-level ``reference`` / ``device`` shortcuts applied."""
@@ -374,6 +383,22 @@ class Manifest:
     def wall_time_s(self) -> float:
         return self.document["wall_time_s"]
 
+    def too_many_errors(self) -> str | None:
+        """Why the build failed as a whole (errors above ``max_error_fraction`` of the input,
+        or no input row at all), with the most common error reason; None when it did not."""
+        counts, limit = self.counts, self.document["config"]["max_error_fraction"]
+        rows, errors = counts["rows_in"], counts["errors"]
+        if rows == 0:
+            return "the input holds no rows"
+        if errors / rows <= limit:
+            return None
+        reasons = counts["by_reason"]["errors"]
+        top = max(reasons, key=reasons.get) if reasons else "?"
+        return (
+            f"{errors} of {rows} rows are errors ({errors / rows:.0%} > max_error_fraction "
+            f"{limit:g}), most of them {top} ({reasons.get(top, 0)}): see {self.output}/errors/"
+        )
+
     def as_dict(self) -> dict[str, Any]:
         """The manifest with the counters under ``metrics`` (what :func:`run` returns)."""
         return {**self.document, "metrics": self.metrics}
@@ -457,7 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     verbose = "--verbose" in argv
     try:
-        manifest = run(argv)
+        cfg, options = parse(argv)
+        manifest = run_config(cfg, options)
     except PipelineFailed as err:
         # Not the user's doing: the traceback is what a bug report needs.
         traceback.print_exception(err.__cause__ or err)
@@ -470,13 +496,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"capgap curate: {err}", file=sys.stderr)
         return 2
-    counts = manifest["counts"]
+    counts = manifest.counts
     print(
         f"rows_in={counts['rows_in']} curated={counts['curated']} "
         f"rejected={counts['rejected']} errors={counts['errors']} "
-        f"({manifest['wall_time_s']:.1f} s) -> {manifest['config']['output']}"
+        f"({manifest.wall_time_s:.1f} s) -> {manifest.output}"
     )
-    print("counters:\n" + format_counters(manifest["metrics"]))
+    print("counters:\n" + format_counters(manifest.metrics))
+    failed = manifest.too_many_errors()
+    if failed:
+        print(f"capgap curate: the build failed: {failed}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -329,3 +329,26 @@ def test_duplicate_uids_keep_the_first_by_source_and_index():
             equal_to([("s2", 0, "duplicate_uid"), ("s1", 7, "duplicate_uid")]),
             label="dups",
         )
+
+
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "\u3164",
+        "\u200d\u200d",
+        " \u2800 ",
+        "\u115f\u1160",
+        "\u200b\u00ad\ufeff",
+        "\u0301",
+        "\u180e ",
+    ],
+)
+def test_captions_with_no_visible_character_are_empty(caption):
+    assert reason_of(normalise_caption, caption, CaptionConfig()) is Reason.CAPTION_EMPTY
+
+
+def test_zwj_and_emoji_captions_stay():
+    assert (
+        normalise_caption("\U0001f469\u200d\U0001f467", CaptionConfig())[0]
+        == "\U0001f469\u200d\U0001f467"
+    )

@@ -104,3 +104,18 @@ def test_a_user_error_is_one_line(tmp_path, capsys):
     assert err == [
         f"capgap curate: input pattern {str(tmp_path / 'none-*.parquet')!r} matched no files"
     ]
+
+
+def test_a_build_where_every_row_fails_exits_non_zero(pattern, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--input", pattern, "--output", str(out), *[f"--set={s}" for s in SETS]]
+    argv += ["--set=read.caption_columns=[no_such_column]", "--direct_running_mode=in_memory"]
+    assert curate.main(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("capgap curate: the build failed: 35 of 35 rows")
+    assert "most of them column_missing" in err[0]
+    manifest = json.loads((out / "manifest.json").read_text())  # the counts are still written
+    assert manifest["counts"]["errors"] == 35
+    # a threshold of 1 never fails the build
+    argv += ["--overwrite", "--set=max_error_fraction=1.0"]
+    assert curate.main(argv) == 0

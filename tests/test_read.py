@@ -226,3 +226,32 @@ def test_discover_errors(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"1")
     with pytest.raises(ValueError, match="format"):
         discover(ReadConfig(), str(tmp_path / "*.bin"))
+
+
+def test_csv_with_a_byte_order_mark_and_crlf(tmp_path):
+    """ "CSV UTF-8" as spreadsheets save it: a BOM before the first header, CRLF line ends."""
+    data = "uid,image_path,caption\r\nu1,a.png,a cat\r\nu2,b.png,a dog\r\n".encode("utf-8-sig")
+    (tmp_path / "sheet.csv").write_bytes(data)
+    plan = discover(ReadConfig(), str(tmp_path / "*.csv"))
+    assert plan.uid_column == "uid"
+    with TestPipeline() as p:
+        out = p | ReadRecords(plan) | beam.Map(lambda kv: (kv[0], kv[1]["caption"]))
+        assert_that(out, equal_to([("u1", "a cat"), ("u2", "a dog")]))
+
+
+def test_dictionary_encoded_columns_read_as_their_values(tmp_path):
+    """pandas writes categorical columns dictionary-encoded."""
+    table = pa.table(
+        {
+            "uid": pa.array(["a", "b", "c"]).dictionary_encode(),
+            "image": [b"x", b"y", b"z"],
+            "caption": pa.array(["a star", "a star", "a circle"]).dictionary_encode(),
+        }
+    )
+    pq.write_table(table, tmp_path / "cat.parquet")
+    plan = discover(ReadConfig(), str(tmp_path / "*.parquet"))
+    with TestPipeline() as p:
+        out = p | ReadRecords(plan) | beam.Map(lambda kv: (kv[0], kv[1]["caption"], kv[1]["error"]))
+        assert_that(
+            out, equal_to([("a", "a star", None), ("b", "a star", None), ("c", "a circle", None)])
+        )

@@ -38,6 +38,19 @@ _INVISIBLE = frozenset(
 )
 
 
+# Characters that render as blank space though Unicode calls them letters or symbols
+# (Hangul fillers, the braille blank, the Mongolian vowel separator).
+_FILLERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
+# Categories that draw nothing on their own: controls, format characters (ZWJ, ...),
+# separators, and combining marks without a base.
+_BLANK_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zs", "Zl", "Zp", "Mn", "Me"})
+
+
+def _shows(ch: str) -> bool:
+    """Whether ``ch`` draws something: a caption needs at least one such character."""
+    return ch not in _FILLERS and unicodedata.category(ch) not in _BLANK_CATEGORIES
+
+
 def _visible(text: str) -> str:
     """``text`` without invisible formatting characters; control characters become a space
     (whitespace ones: tab, newline, ...) or nothing. NFC comes after these removals, so an
@@ -80,8 +93,8 @@ def normalise_caption(raw: Any, cfg: CaptionConfig) -> tuple[str, list[str]]:
         text = " ".join(text.split())
     else:
         text = " ".join(unicodedata.normalize("NFC", _visible(text)).split())
-    if not text:
-        raise RecordError(Reason.CAPTION_EMPTY, "caption is empty after normalisation")
+    if not text or not any(_shows(ch) for ch in text):
+        raise RecordError(Reason.CAPTION_EMPTY, "caption has no visible character")
     if len(text) > cfg.max_chars:
         if cfg.on_too_long == "reject":
             raise RecordError(

@@ -180,15 +180,20 @@ def _read_parquet_schema(path: str) -> pa.Schema | None:
 
 
 def text_lines(fh: Any) -> Iterator[str]:
-    """Lines of a binary file-like, newline kept, undecodable bytes as surrogates.
+    """Lines of a binary file-like, newline kept, undecodable bytes as surrogates, a leading
+    byte-order mark dropped.
 
     Works on anything with ``readline`` (Beam's compressed-file wrappers for ``.gz``
     are not io.BufferedIOBase, so io.TextIOWrapper cannot sit on them).
     """
+    first = True
     while True:
         line = fh.readline()
         if not line:
             return
+        if first and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a UTF-8 byte-order mark ("CSV UTF-8" from spreadsheets)
+        first = False
         yield line.decode("utf-8", errors="surrogateescape")
 
 

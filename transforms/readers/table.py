@@ -20,6 +20,8 @@ from capgap.transforms.reasons import Reason
 def _pylist(column: pa.ChunkedArray | pa.Array, raw: bool = False) -> list:
     """``to_pylist``, surviving invalid UTF-8 in string columns (as bytes when ``raw``,
     else backslash-escaped text)."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)  # pandas' categorical columns
     try:
         return column.to_pylist()
     except UnicodeDecodeError:
@@ -45,7 +47,13 @@ def _image_value(value: Any) -> tuple[bytes | None, str | None, str | None]:
     return None, None, f"image cell of type {type(value).__name__}"
 
 
+def _values(tp: pa.DataType) -> pa.DataType:
+    """The value type of a dictionary-encoded column (pandas' categoricals), else ``tp``."""
+    return tp.value_type if pa.types.is_dictionary(tp) else tp
+
+
 def _image_type_ok(tp: pa.DataType) -> bool:
+    tp = _values(tp)
     if pa.types.is_binary(tp) or pa.types.is_large_binary(tp) or pa.types.is_fixed_size_binary(tp):
         return True
     if pa.types.is_string(tp) or pa.types.is_large_string(tp):
@@ -54,6 +62,7 @@ def _image_type_ok(tp: pa.DataType) -> bool:
 
 
 def _caption_type_ok(tp: pa.DataType) -> bool:
+    tp = _values(tp)
     return (
         pa.types.is_string(tp)
         or pa.types.is_large_string(tp)
