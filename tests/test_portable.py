@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 
 import pyarrow as pa
@@ -64,6 +65,22 @@ def rows_of(output) -> dict[str, dict[str, dict]]:
     return out
 
 
+def same_row(a: dict, b: dict) -> bool:
+    """Equal, floats to 1e-5: RunInference sizes its batches by timing, and a CPU matmul over
+    another batch size moves an embedding by ~1e-7, so the two runners (like two runs of one)
+    may differ in a score's last bits; every other value must be identical."""
+    if a.keys() != b.keys():
+        return False
+    for key, x in a.items():
+        y = b[key]
+        if isinstance(x, float) and isinstance(y, float):
+            if not math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
 def test_portable_runner_gives_the_direct_runners_rows(pattern, tmp_path):
     direct = build(pattern, tmp_path / "direct", "--direct_running_mode=in_memory")
     portable = build(pattern, tmp_path / "portable", "--runner_preset=portable")
@@ -74,7 +91,9 @@ def test_portable_runner_gives_the_direct_runners_rows(pattern, tmp_path):
     assert portable["thresholds"] == direct["thresholds"] and portable["bank"] == direct["bank"]
     a, b = rows_of(tmp_path / "direct"), rows_of(tmp_path / "portable")
     for name in OUTPUTS:
-        assert a[name] == b[name], name  # every row, every column
+        assert a[name].keys() == b[name].keys(), name
+        for uid, row in a[name].items():
+            assert same_row(row, b[name][uid]), (name, uid)  # every column
     assert {k: v for k, v in portable["metrics"].items()} == direct["metrics"]
     written = json.loads((tmp_path / "portable" / "manifest.json").read_text())
     assert written["outputs"]["curated"] == [
