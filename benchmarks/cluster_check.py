@@ -179,8 +179,10 @@ def curate(pattern: str, output: Path, beam_flags: list[str], log: Path) -> floa
 
 
 def same_rows(a: dict[str, dict], b: dict[str, dict]) -> bool:
-    """The same uids with the same values, floats to 1e-5 (RunInference sizes its batches by
-    timing; another batch size moves an embedding, and a score's last bits, by ~1e-7)."""
+    """The same uids with the same values, floats to 1e-5: RunInference sizes its batches by
+    timing, and a CPU matmul over another batch size moves an embedding by ~1e-7, so two
+    runners (like two runs of one) may differ in a score's last bits; every other value must
+    be identical. (tests/test_portable.py compares the portable runner's rows with it.)"""
     if a.keys() != b.keys():
         return False
     for uid, row in a.items():

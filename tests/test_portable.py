@@ -7,10 +7,9 @@ Also: a failing step prints its traceback and exits 1; a user error stays one li
 
 from __future__ import annotations
 
-import glob
+import importlib.util
 import json
-import math
-import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,6 +19,13 @@ from capgap.pipeline import curate
 from capgap.pipeline.synth import SCHEMA, SplitConfig, make_row
 from capgap.transforms import score
 from capgap.transforms.schema import OUTPUTS
+
+# The comparison `make cluster-check` makes, tested here on the in-process portable runner.
+_spec = importlib.util.spec_from_file_location(
+    "cluster_check", Path(__file__).resolve().parents[1] / "benchmarks" / "cluster_check.py"
+)
+cluster_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cluster_check)
 
 SETS = [
     "score.bank_size=8",
@@ -55,32 +61,6 @@ def build(pattern: str, output, *runner: str) -> dict:
     return curate.run([*argv, *runner])
 
 
-def rows_of(output) -> dict[str, dict[str, dict]]:
-    out = {}
-    for name in OUTPUTS:
-        rows = {}
-        for path in sorted(glob.glob(os.path.join(output, name, "*.parquet"))):
-            rows.update({r["uid"]: r for r in pq.read_table(path).to_pylist()})
-        out[name] = rows
-    return out
-
-
-def same_row(a: dict, b: dict) -> bool:
-    """Equal, floats to 1e-5: RunInference sizes its batches by timing, and a CPU matmul over
-    another batch size moves an embedding by ~1e-7, so the two runners (like two runs of one)
-    may differ in a score's last bits; every other value must be identical."""
-    if a.keys() != b.keys():
-        return False
-    for key, x in a.items():
-        y = b[key]
-        if isinstance(x, float) and isinstance(y, float):
-            if not math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6):
-                return False
-        elif x != y:
-            return False
-    return True
-
-
 def test_portable_runner_gives_the_direct_runners_rows(pattern, tmp_path):
     direct = build(pattern, tmp_path / "direct", "--direct_running_mode=in_memory")
     portable = build(pattern, tmp_path / "portable", "--runner_preset=portable")
@@ -89,11 +69,10 @@ def test_portable_runner_gives_the_direct_runners_rows(pattern, tmp_path):
     assert portable["counts"]["rows_in"] == 35
     assert portable["counts"]["errors"] == 5  # 3 bad rows, 1 duplicate, 1 unreadable shard
     assert portable["thresholds"] == direct["thresholds"] and portable["bank"] == direct["bank"]
-    a, b = rows_of(tmp_path / "direct"), rows_of(tmp_path / "portable")
-    for name in OUTPUTS:
-        assert a[name].keys() == b[name].keys(), name
-        for uid, row in a[name].items():
-            assert same_row(row, b[name][uid]), (name, uid)  # every column
+    a = cluster_check.rows_of(tmp_path / "direct")
+    b = cluster_check.rows_of(tmp_path / "portable")
+    for name in OUTPUTS:  # every row, every column; floats to 1e-5 (same_rows says why)
+        assert cluster_check.same_rows(a[name], b[name]), name
     assert {k: v for k, v in portable["metrics"].items()} == direct["metrics"]
     written = json.loads((tmp_path / "portable" / "manifest.json").read_text())
     assert written["outputs"]["curated"] == [
