@@ -55,11 +55,10 @@ from capgap.core.config import (
     command_parser,
     config_from_args,
     from_dict,
-    read_yaml,
-    resolve_config_path,
     to_dict,
 )
 from capgap.models.clip_handler import ClipModelConfig, model_fingerprint
+from capgap.pipeline.runner_presets import preset_flags
 from capgap.transforms.accounting import CountOutcomes, counter_values, format_counters
 from capgap.transforms.bank import INDEX_NAMESPACE, EmbedBank, bank_summary
 from capgap.transforms.captions import CaptionConfig
@@ -294,29 +293,6 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
 
 
 # --- entry points ----------------------------------------------------------------------------
-
-
-def preset_flags(name_or_path: str) -> tuple[list[str], list[str]]:
-    """(Beam flags, curate overrides) from a runner preset YAML."""
-    path = resolve_config_path(
-        name_or_path if name_or_path.endswith(".yaml") else f"runners/{name_or_path}"
-    )
-    data = read_yaml(path)
-    unknown = set(data) - {"pipeline_options", "set"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (use pipeline_options, set)")
-    flags: list[str] = []
-    for key, value in (data.get("pipeline_options") or {}).items():
-        values = value if isinstance(value, list) else [value]
-        for item in values:
-            if item is True:
-                flags.append(f"--{key}")
-            elif item is False or item is None:
-                continue
-            else:
-                flags.append(f"--{key}={item}")
-    overrides = [f"{k}={v}" for k, v in (data.get("set") or {}).items()]
-    return flags, overrides
 
 
 def validate(cfg: CurateConfig) -> None:

@@ -22,7 +22,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from PIL import Image
 
-from capgap.pipeline import curate
+from capgap.pipeline import curate, runner_presets
 from capgap.pipeline.synth import SCHEMA, SplitConfig, make_row
 
 N_GOOD = 24
@@ -247,7 +247,7 @@ def test_bad_config_is_rejected_before_running(tmp_path):
 
 @pytest.mark.parametrize("preset", ["direct", "portable", "dataflow", "spark", "flink"])
 def test_runner_presets(preset):
-    flags, overrides = curate.preset_flags(preset)
+    flags, overrides = runner_presets.preset_flags(preset)
     assert any(f.startswith("--runner=") for f in flags)
     cfg, options = curate.parse(
         ["--runner_preset", preset, "--input", "x", "--set", "model.device=cpu"]
