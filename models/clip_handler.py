@@ -54,6 +54,9 @@ class ClipModelConfig:
     name: str = "capgap-micro-vit"  # open_clip or capgap architecture
     pretrained: str | None = None  # open_clip tag or checkpoint file; None: seeded random init
     run_dir: str | None = None  # a `capgap train` run (config.yaml + model.safetensors); wins
+    # A transformers CLIP / SigLIP checkpoint (save_pretrained folder or hub id) instead of
+    # open_clip; its own image processor and tokenizer come with it (models/hf_clip.py).
+    hf_model: str | None = None
     seed: int = 0  # random-init seed, so all workers build identical weights
     device: str = "cpu"  # cpu | cuda | cuda:N; cuda without CUDA is an error
     amp: bool = True  # autocast on CUDA
@@ -70,6 +73,11 @@ class ClipModelConfig:
             raise ValueError("need 1 <= model.min_batch_size <= model.max_batch_size")
         if self.model_copies is not None and self.model_copies < 1:
             raise ValueError("model.model_copies must be >= 1")
+        if self.hf_model and self.run_dir:
+            raise ValueError(
+                "model.hf_model and a capgap run (reference / model.run_dir) both name the "
+                "scoring model: give one"
+            )
 
     def weights_key(self) -> tuple:
         """What determines the loaded model (not how RunInference batches, shares or counts it)."""
@@ -83,6 +91,9 @@ class ClipModelConfig:
         """A readable identifier of the weights (written into every curated row)."""
         if self.run_dir:
             return f"capgap-run:{Path(self.run_dir).resolve().name}"
+        if self.hf_model:
+            source = Path(self.hf_model)
+            return f"hf:{source.resolve().name if source.is_dir() else self.hf_model}"
         if self.pretrained:
             label = (
                 Path(self.pretrained).name if os.path.isfile(self.pretrained) else self.pretrained
@@ -109,6 +120,10 @@ class ClipEmbedder:
             torch.set_num_threads(cfg.torch_threads)
         if cfg.run_dir:
             model, preprocess, tokenizer = load_run(cfg.run_dir, device=self.device)
+        elif cfg.hf_model:
+            from capgap.models.hf_clip import load_hf_clip
+
+            model, preprocess, tokenizer = load_hf_clip(cfg.hf_model, device=self.device)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
@@ -207,11 +222,21 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
             raise ValueError(f"ClipModelHandler takes no inference_args, got {inference_args}")
 
 
-def _sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
+def _sha256_file(path: str | os.PathLike, digest: Any = None) -> str:
+    digest = hashlib.sha256() if digest is None else digest
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_hf_folder(folder: Path) -> str:
+    """sha256 over a save_pretrained folder's config, weights and processor files, by name."""
+    digest = hashlib.sha256()
+    patterns = ("*.json", "*.safetensors", "*.bin", "*.txt", "*.model")
+    for path in sorted({p for pattern in patterns for p in folder.glob(pattern)}):
+        digest.update(f"{path.name}\n".encode())
+        _sha256_file(path, digest)
     return digest.hexdigest()
 
 
@@ -234,6 +259,7 @@ def model_fingerprint(cfg: ClipModelConfig) -> dict[str, Any]:
         "architecture": cfg.name,
         "pretrained": cfg.pretrained,
         "run_dir": cfg.run_dir,
+        "hf_model": cfg.hf_model,
     }
     if cfg.run_dir:
         weights = Path(cfg.run_dir) / "model.safetensors"
@@ -243,6 +269,14 @@ def model_fingerprint(cfg: ClipModelConfig) -> dict[str, Any]:
 
         with open(Path(cfg.run_dir) / "config.yaml", encoding="utf-8") as fh:
             info["architecture"] = (yaml.safe_load(fh) or {}).get("model", cfg.name)
+    elif cfg.hf_model and os.path.isdir(cfg.hf_model):
+        info["architecture"] = "transformers"
+        info["weights"] = cfg.hf_model
+        info["sha256"] = _sha256_hf_folder(Path(cfg.hf_model))
+    elif cfg.hf_model:
+        info["architecture"] = "transformers"
+        info["sha256"] = None  # a hub id: its files are identified by the id
+        info["note"] = "Hugging Face hub id; weights identified by name"
     elif cfg.pretrained and os.path.isfile(cfg.pretrained):
         info["weights"] = cfg.pretrained
         info["sha256"] = _sha256_file(cfg.pretrained)

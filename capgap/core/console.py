@@ -7,6 +7,9 @@
   that finished early is padded inside ``generate`` (the decoder sees its own padding);
   the captioner, not the user, calls ``generate``, and the output is right, so it is
   dropped too.
+- transformers checks a SigLIP text config's token ids against the default vocabulary
+  before the checkpoint's own size is set, and warns that the (valid) bos / eos ids are out
+  of range; SigLIP pools the last position and uses neither, so those two are dropped.
 - Hugging Face's "Loading weights" / "Writing model shards" bars are turned off when stderr
   is not a terminal (logs of scheduled builds, CI), through ``HF_HUB_DISABLE_PROGRESS_BARS``,
   which transformers reads when it is first imported; a value the user set wins.
@@ -25,6 +28,10 @@ import sys
 _NOISE: dict[str, tuple[str, ...]] = {
     "": ("apitools not found, and bigquery client libraries",),
     "transformers.modeling_utils": ("We strongly recommend passing in an `attention_mask`",),
+    "transformers.configuration_utils": (
+        "Model config: bos_token_id must be `None` or an integer within the vocabulary",
+        "Model config: eos_token_id must be `None` or an integer within the vocabulary",
+    ),
 }
 
 
