@@ -153,6 +153,25 @@ def _ext(mode: str) -> str:
     return "tar" if mode == "webdataset" else "parquet"
 
 
+def test_index_and_selective_reads_see_the_failed_rows_too(tmp_path):
+    """capgap curate's index and bank passes see img2dataset's failed rows as the main pass."""
+    from capgap.transforms.readers import record_ref
+
+    img2dataset_folder(tmp_path / "i2d", "webdataset")
+    plan = discover(ReadConfig(), str(tmp_path / "i2d"))
+    full = [(r[0], (r[1], r[2])) for r in _collect(plan)]
+    with TestPipeline() as p:
+        index = p | "Index" >> ReadRecords(plan, index_only=True)
+        assert_that(index | beam.Map(lambda kv: (kv[0], tuple(kv[1]))), equal_to(full))
+        select = p | "Select" >> beam.Create([{"000010002": ("00001.parquet", 2)}])
+        chosen = p | "Chosen" >> ReadRecords(plan, select=select)
+        assert_that(
+            chosen | beam.Map(lambda kv: (kv[0], record_ref(kv[1]), kv[1]["error"][0])),
+            equal_to([("000010002", ("00001.parquet", 2), "source_failed")]),
+            label="selected",
+        )
+
+
 def test_parquet_set_on_a_webdataset_folder_reads_the_parquets(tmp_path):
     """read.format=parquet is honoured: the tars are skipped, not read as broken Parquet."""
     folder = tmp_path / "i2d"

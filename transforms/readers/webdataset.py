@@ -180,9 +180,9 @@ class ReadTarFn(_ReadFn):
             error = error or _error(
                 Reason.RECORD_MALFORMED, f"two image members for one key: {members}"
             )
-        status = meta.get(cfg.status_column)
-        if error is None and status is not None:
-            error = source_failed(status, meta.get(cfg.status_message_column), cfg.status_ok)
+        if error is None and cfg.status_column in meta and cfg.status_message_column in meta:
+            status, message = meta[cfg.status_column], meta[cfg.status_message_column]
+            error = source_failed(status, message, cfg.status_ok)
         if "txt" in parts:
             caption: Any = parts["txt"]
         else:
