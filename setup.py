@@ -37,6 +37,7 @@ REQUIRES = [
     "scikit-learn>=1.3",
     "scipy>=1.11",
     "safetensors>=0.4",
+    "braceexpand>=0.1.7",  # brace patterns in --input (what webdataset uses)
 ]
 
 setup(
@@ -58,6 +59,7 @@ setup(
             "hypothesis>=6.100",
             "ruff>=0.6",
             "import-linter>=2.1",
+            "webdataset>=0.2.86",  # tests write tar inputs with its ShardWriter
         ],
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
         "spark": ["pyspark>=3.4"],

@@ -67,6 +67,7 @@ from capgap.transforms.decode import DecodeConfig, DecodeRecords
 from capgap.transforms.dedup import DropDuplicateUids, FirstRefs
 from capgap.transforms.embed import EmbedPairs
 from capgap.transforms.readers import ReadConfig, ReadRecords, discover
+from capgap.transforms.readers.discover import input_layout
 from capgap.transforms.recaption import Recaption, RecaptionConfig
 from capgap.transforms.schema import (
     CURATED,
@@ -249,7 +250,9 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
             "files": len(plan.files),
             "bytes": plan.total_bytes(),
             "fingerprint": plan.fingerprint(),
-            "fingerprint_method": "sha256 over (relative path, size, mtime) of each shard",
+            "fingerprint_method": "sha256 over (relative path, size, mtime) of each input file "
+            "(HF: every file of the folder; webdataset: the img2dataset metadata Parquets too)",
+            **input_layout(plan),
             "columns": {
                 "image": plan.image_column,
                 "caption": plan.caption_column,

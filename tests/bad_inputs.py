@@ -414,6 +414,7 @@ _kind(
 _kind("tar_truncated", "a tar shard cut inside a member", readers={"webdataset"})
 _kind("tar_corrupt_header", "a tar member header with a bad checksum", readers={"webdataset"})
 _kind("metadata_invalid", "a WebDataset .json member that is not JSON", readers={"webdataset"})
+_kind("tar_two_images", "a tar key with two image members (.jpg and .png)", readers={"webdataset"})
 _kind("path_non_utf8", "a CSV image path with non-UTF-8 bytes", readers={"csv"})
 _kind("uid_non_utf8", "a CSV uid with non-UTF-8 bytes (kept, escaped)", readers={"csv"})
 _kind("csv_gzip", "a valid gzip-compressed CSV shard (.csv.gz)", readers={"csv"})
@@ -751,10 +752,15 @@ def _build_webdataset(root: Path) -> Corpus:
         members += _sample_members(f"{i:05d}", row)
     # metadata_invalid: the .json member is not JSON (uid falls back to the key).
     members += [("99999.png", png), ("99999.txt", b"a caption"), ("99999.json", b"{not json")]
+    # tar_two_images: which image the caption describes is unknown.
+    members += [("99999a.jpg", valid_jpeg()), ("99999a.png", png), ("99999a.txt", b"which")]
     (folder / "main-000.tar").write_bytes(tar_bytes(members))
     corpus.cases += [Case(r.kind, "main-000.tar", i, r.expected, r.uid) for i, r in enumerate(rows)]
     corpus.cases.append(
         Case("metadata_invalid", "main-000.tar", len(rows), err("metadata_invalid"))
+    )
+    corpus.cases.append(
+        Case("tar_two_images", "main-000.tar", len(rows) + 1, err("record_malformed"))
     )
 
     def three(prefix: str) -> bytes:

@@ -5,6 +5,11 @@ pairs (in ``capgap curate`` those come from the index pass, a uid-only read of t
 :mod:`capgap.transforms.bank`); :class:`DropDuplicateUids` sends every later record of a
 uid to ``errors/`` as ``duplicate_uid``, naming where the kept one was.
 
+A derived uid (``<shard>#N``, for a row without one: :func:`~capgap.transforms.readers.
+record.derived_uid`) is unique by construction but can equal a real uid of the input.
+Then the real one wins: it is the first ref of the uid whatever the order, and the
+derived record goes on as ``<shard>#N#derived`` instead of becoming a duplicate.
+
     first_refs = refs | FirstRefs()
     unique = records | DropDuplicateUids(first_refs)   # unique.ok, unique[ERRORS]
 """
@@ -14,37 +19,45 @@ from __future__ import annotations
 import apache_beam as beam
 
 from capgap.transforms.readers import record_ref
+from capgap.transforms.readers.record import is_derived, renamed_derived
 from capgap.transforms.reasons import Reason, Stage, error_row
 from capgap.transforms.schema import ERRORS
 
 
 class _FirstRef(beam.CombineFn):
-    """(count, smallest (source, index)) of one uid's records; order-independent."""
+    """(count, smallest (source, index)) of one uid's records, a record with a real uid
+    before one whose uid is derived; order-independent. Inputs: (derived?, ref)."""
 
     def create_accumulator(self):
         return 0, None
 
-    def add_input(self, acc, ref):
+    def add_input(self, acc, flagged_ref):
         count, best = acc
-        return count + 1, ref if best is None or ref < best else best
+        return count + 1, flagged_ref if best is None or flagged_ref < best else best
 
     def merge_accumulators(self, accs):
         count, best = 0, None
-        for c, ref in accs:
+        for c, flagged_ref in accs:
             count += c
-            if ref is not None and (best is None or ref < best):
-                best = ref
+            if flagged_ref is not None and (best is None or flagged_ref < best):
+                best = flagged_ref
         return count, best
 
     def extract_output(self, acc):
-        return acc
+        count, best = acc
+        return count, None if best is None else tuple(best[1])
 
 
 class _DropDuplicatesFn(beam.DoFn):
     def process(self, element, duplicates):
         uid, record = element
         keep = duplicates.get(uid)
-        if keep is not None and keep != record_ref(record):
+        ref = record_ref(record)
+        if keep is not None and keep != tuple(ref):
+            if is_derived(uid, ref):  # a real uid of the input equals this derived one
+                uid = renamed_derived(uid)
+                yield uid, {**record, "uid": uid}
+                return
             yield beam.pvalue.TaggedOutput(
                 ERRORS,
                 error_row(
@@ -64,7 +77,12 @@ class FirstRefs(beam.PTransform):
     smallest ref)) for every uid."""
 
     def expand(self, refs):
-        return refs | "FirstRef" >> beam.CombinePerKey(_FirstRef())
+        return (
+            refs
+            | "FlagDerived"
+            >> beam.Map(lambda kv: (kv[0], (is_derived(kv[0], kv[1]), tuple(kv[1]))))
+            | "FirstRef" >> beam.CombinePerKey(_FirstRef())
+        )
 
 
 class DropDuplicateUids(beam.PTransform):

@@ -44,6 +44,7 @@ class Reason(str, enum.Enum):
     COLUMN_TYPE_INVALID = "column_type_invalid"  # a column has a type we cannot use
     METADATA_INVALID = "metadata_invalid"  # a WebDataset .json member is not UTF-8 JSON
     DUPLICATE_UID = "duplicate_uid"  # a later record with a uid already seen
+    SOURCE_FAILED = "source_failed"  # the tool that made the input failed the row (img2dataset)
     # --- image paths (errors/) ----------------------------------------------------------------
     PATH_INVALID = "path_invalid"  # empty path, NUL byte, not a string
     PATH_OUTSIDE_ROOT = "path_outside_root"  # resolves outside the configured image root

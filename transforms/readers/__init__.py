@@ -19,9 +19,12 @@ need (Parquet: the uid column alone), and ``select`` reads only the records at g
 uid for every record as a full read, bad rows included.
 
 Paths are anything Beam's ``FileSystems`` understands (local, ``gs://``, ...), with
-globs. The uid is taken from the first present column of ``read.uid_columns``
-(``uid``, ``key``, ...), else derived from the shard's path relative to the
-input pattern's folder plus the row index (``web-00000-of-00004.parquet#17``).
+globs, brace alternatives / ranges and folders (side files skipped; an img2dataset
+webdataset folder's metadata Parquets give its failed rows: :mod:`.discover`). The uid is
+taken from the first present column of ``read.uid_columns`` (``uid``, ``key``, ...), else
+derived from the shard's path relative to the input pattern's folder plus the row index
+(``web-00000-of-00004.parquet#17``); a real uid equal to a derived one wins in
+:mod:`capgap.transforms.dedup` (the derived one gets ``#derived`` appended).
 
     plan = discover(ReadConfig(), "data/synth/web/*.parquet")
     records = pipeline | ReadRecords(plan)

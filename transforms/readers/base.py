@@ -22,6 +22,7 @@ from capgap.transforms.readers.record import (
     make_record,
     record_ref,
     selection,
+    shard_error_uid,
 )
 from capgap.transforms.reasons import Reason
 
@@ -95,7 +96,9 @@ class _ReadFn(beam.DoFn):
     def _shard_error(self, path: str, reason: Reason, err: BaseException | str, index: int = -1):
         self.shard_errors.inc()
         source = relative_name(path, self.plan.base_dir)
-        suffix = "shard" if index < 0 else f"tail@{index}"
         return self._emit(
-            uid=f"{source}#{suffix}", source=source, index=index, error=_error(reason, err)
+            uid=shard_error_uid(source, index),
+            source=source,
+            index=index,
+            error=_error(reason, err),
         )

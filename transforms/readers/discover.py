@@ -1,8 +1,17 @@
 """Driver side: match the input pattern, pick the columns, build the :class:`InputPlan`.
 
-Globs go through Beam's ``FileSystems`` (local, ``gs://``, ...); a folder written by
-``datasets.save_to_disk`` is an HF input. The passthrough schema unifies the schemas of
-the first ``read.schema_files`` Parquet shards.
+Globs go through Beam's ``FileSystems`` (local, ``gs://``, ...), after braceexpand-style
+expansion (``shards/{00000..00099}.tar``); a folder (trailing slash or not) stands for
+the data files directly inside it, and a folder written by ``datasets.save_to_disk``
+(a Dataset or a DatasetDict: every split, or ``read.hf_split``) is an HF input. Side
+files are skipped and listed in the plan (:func:`capgap.core.files.is_side_file`:
+hidden, ``_SUCCESS``, ``*_stats.json``, ``.json`` sidecars; in a folder also files of
+another format). In an img2dataset folder written in webdataset mode, ``00000.parquet``
+next to ``00000.tar`` is the tar's metadata (every URL of the shard, with img2dataset's
+``status`` / ``error_message``): it is not read as rows of its own (that would count the
+downloaded rows twice) but is used for the rows whose download failed, which the tar
+does not hold. The passthrough schema unifies the schemas of the first
+``read.schema_files`` Parquet shards.
 
     plan = discover(ReadConfig(format="auto"), "data/synth/web/*.parquet")
 """
@@ -23,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from capgap.core.files import expand_braces, is_side_file
 from capgap.transforms.schema import RESERVED_COLUMNS
 
 Format = Literal["auto", "parquet", "webdataset", "hf", "csv"]
@@ -54,7 +64,13 @@ class ReadConfig:
     # the folder of the shard that names them.
     image_root: str | None = None
     csv_delimiter: str | None = None  # default: tab for .tsv, comma otherwise
-    hf_split: str | None = None  # for a DatasetDict saved on disk
+    hf_split: str | None = None  # one split of a DatasetDict saved on disk (default: all)
+    # img2dataset's per-row download outcome: a row whose status column holds anything but
+    # one of status_ok goes to errors/ as source_failed with the message column's text
+    # (read only where a shard has both columns).
+    status_column: str = "status"
+    status_message_column: str = "error_message"
+    status_ok: list[str] = field(default_factory=lambda: ["success"])
     hf_rows_per_task: int = 10000  # an HF dataset is read in index ranges of this size
     batch_rows: int = 512  # rows converted from Arrow at a time
     schema_files: int = 64  # shards whose schemas are unified into the passthrough schema
@@ -81,21 +97,36 @@ class InputPlan:
     passthrough_sources: tuple[str, ...]  # input name of each passthrough field, in order
     config: ReadConfig = dataclasses.field(default_factory=ReadConfig)
     hf_rows: int = 0
+    hf_splits: tuple[tuple[str, int], ...] = ()  # (split, rows); ("", rows) for a Dataset
+    # (tar path, metadata Parquet path, its size, mtime) of img2dataset webdataset shards
+    sidecars: tuple[tuple[str, str, int, float], ...] = ()
+    skipped: tuple[str, ...] = ()  # side files matched but not read
 
     def fingerprint(self) -> str:
-        """sha256 over (relative path, size, mtime) of every input shard, in order."""
+        """sha256 over (relative path, size, mtime) of every input file, in order (HF: every
+        file of the folder, Arrow data included; webdataset: the metadata Parquets too)."""
         digest = hashlib.sha256(self.format.encode())
-        for path, size, mtime in self.files:
+        listed = list(self.files) + [(meta, size, mtime) for _, meta, size, mtime in self.sidecars]
+        for path, size, mtime in listed:
             digest.update(f"{relative_name(path, self.base_dir)}\0{size}\0{mtime}\n".encode())
         return digest.hexdigest()
 
     def total_bytes(self) -> int:
         return sum(size for _, size, _ in self.files)
 
+    def sidecar(self, path: str) -> str | None:
+        """The img2dataset metadata Parquet of a tar shard, if there is one."""
+        return next((meta for tar, meta, _, _ in self.sidecars if tar == path), None)
+
+    def hf_source(self, split: str) -> str:
+        """The ``source`` of rows of one split (the folder name, then ``/split``)."""
+        name = posixpath.basename(self.pattern.rstrip("/"))
+        return f"{name}/{split}" if split else name
+
 
 def pattern_base(pattern: str) -> str:
-    """The folder part of a pattern before its first glob character."""
-    cut = min((pattern.find(c) for c in _GLOB_CHARS if c in pattern), default=-1)
+    """The folder part of a pattern before its first glob or brace character."""
+    cut = min((pattern.find(c) for c in _GLOB_CHARS + "{" if c in pattern), default=-1)
     head = pattern if cut < 0 else pattern[:cut]
     if cut < 0 and not head.endswith("/"):
         return posixpath.dirname(head.rstrip("/")) or "."
@@ -115,8 +146,26 @@ def _is_hf_dir(path: str) -> bool:
     )
 
 
+def _is_folder(path: str) -> bool:
+    """A folder, not a file (object stores: a prefix with objects under it)."""
+    if any(c in path for c in _GLOB_CHARS):
+        return False
+    path = path.rstrip("/")
+    if "://" not in path:
+        return os.path.isdir(path)
+    try:
+        if _match(path):
+            return False
+        return bool(_match(path + "/*"))
+    except (OSError, ValueError):
+        return False
+
+
 def _match(pattern: str) -> list[tuple[str, int, float]]:
-    result = FileSystems.match([pattern])[0]
+    try:
+        result = FileSystems.match([pattern])[0]
+    except (OSError, ValueError):  # Beam raises BeamIOError (an IOError) for no match
+        return []
     files = [
         (m.path, int(m.size_in_bytes or 0), float(m.last_updated_in_seconds or 0.0))
         for m in result.metadata_list
@@ -125,6 +174,13 @@ def _match(pattern: str) -> list[tuple[str, int, float]]:
 
 
 def guess_format(path: str) -> str:
+    fmt = _suffix_format(path)
+    if fmt is None:
+        raise ValueError(f"cannot tell the input format of {path!r}; set read.format")
+    return fmt
+
+
+def _suffix_format(path: str) -> str | None:
     name = path.lower()
     if name.endswith(".parquet"):
         return "parquet"
@@ -132,7 +188,86 @@ def guess_format(path: str) -> str:
         return "webdataset"
     if name.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
         return "csv"
-    raise ValueError(f"cannot tell the input format of {path!r}; set read.format")
+    return None
+
+
+def _stem(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    for suffix in (".tar.gz", ".tgz", ".tar", ".parquet"):
+        if name.lower().endswith(suffix):
+            return path[: len(path) - len(suffix)]
+    return path
+
+
+File = tuple[str, int, float]
+
+
+def _expand(pattern: str) -> tuple[list[File], list[File], list[str], str]:
+    """(data files, files from folders, side files, base folder) of a pattern: brace
+    alternatives each matched (each must match something), folders listed one level deep.
+    A file named explicitly is never a side file."""
+    alternatives = expand_braces(pattern)
+    files: dict[str, File] = {}
+    from_folders: dict[str, File] = {}
+    skipped: list[str] = []
+    for alt in alternatives:
+        folder = _is_folder(alt)
+        hits = _match(alt.rstrip("/") + "/*") if folder else _match(alt)
+        if not hits:
+            where = "" if alt == pattern else f" (from {pattern!r})"
+            kind = "folder" if folder else "input pattern"
+            raise ValueError(f"{kind} {alt!r}{where} matched no files")
+        literal = not folder and not any(c in alt for c in _GLOB_CHARS)
+        for hit in hits:
+            if not literal and is_side_file(hit[0]):
+                skipped.append(hit[0])
+            else:
+                (from_folders if folder else files)[hit[0]] = hit
+    if len(alternatives) == 1 and _is_folder(pattern):
+        base = pattern.rstrip("/") or "/"
+    else:
+        base = pattern_base(pattern)
+    return sorted(files.values()), sorted(from_folders.values()), sorted(skipped), base
+
+
+def _choose(
+    fmt: str, files: list[File], from_folders: list[File], pattern: str
+) -> tuple[str, list[File], list[File], list[str]]:
+    """(format, data files, img2dataset metadata Parquets, skipped paths) of the matches.
+
+    Auto: the format of the suffixes; a file of unknown suffix matched by a glob is an
+    error, one found in a folder is skipped. A set format reads files of its own suffix
+    and, matched by a glob, files of unknown suffix (the setting says what they are);
+    files of another format are skipped. A Parquet with the stem of a tar next to it is
+    that tar's img2dataset metadata (webdataset only).
+    """
+    named = {p for p, _, _ in files}
+    candidates = files + from_folders
+    tar_stems = {_stem(p) for p, _, _ in candidates if _suffix_format(p) == "webdataset"}
+    metadata = [
+        f for f in candidates if _suffix_format(f[0]) == "parquet" and _stem(f[0]) in tar_stems
+    ]
+    meta_paths = {p for p, _, _ in metadata}
+    if fmt == "auto":
+        for path in named:
+            guess_format(path)  # raises for a file of unknown format matched by a glob
+        formats = {_suffix_format(p) for p, _, _ in candidates if p not in meta_paths} - {None}
+        if len(formats) > 1:
+            raise ValueError(f"{pattern!r} mixes formats {sorted(formats)}; narrow the glob")
+        if not formats:
+            raise ValueError(f"{pattern!r} holds no data files (Parquet, tar, CSV/TSV)")
+        fmt = formats.pop()
+    if fmt != "webdataset":
+        metadata, meta_paths = [], set()
+    keep = [
+        f
+        for f in candidates
+        if f[0] not in meta_paths
+        and (_suffix_format(f[0]) == fmt or (_suffix_format(f[0]) is None and f[0] in named))
+    ]
+    kept = {p for p, _, _ in keep} | meta_paths
+    skipped = [p for p, _, _ in candidates if p not in kept]
+    return fmt, sorted(keep), sorted(metadata), sorted(skipped)
 
 
 def _first_present(candidates: list[str], names: list[str]) -> str | None:
@@ -216,21 +351,24 @@ def discover(cfg: ReadConfig, pattern: str) -> InputPlan:
     if not pattern:
         raise ValueError("no input given (set input)")
     fmt = cfg.format
-    stripped = pattern.rstrip("/")
-    if fmt == "hf" or (fmt == "auto" and not any(c in pattern for c in _GLOB_CHARS)):
+    stripped = pattern.rstrip("/") or "/"
+    if fmt == "hf" or (fmt == "auto" and not any(c in pattern for c in _GLOB_CHARS + "{")):
         if _is_hf_dir(stripped):
             return _discover_hf(cfg, stripped)
         if fmt == "hf":
             raise ValueError(f"{pattern!r} is not a datasets.save_to_disk folder")
-    files = _match(pattern)
+    named, from_folders, side, base = _expand(pattern)
+    fmt, files, metadata, skipped = _choose(fmt, named, from_folders, pattern)
     if not files:
-        raise ValueError(f"input pattern {pattern!r} matched no files")
-    if fmt == "auto":
-        formats = {guess_format(path) for path, _, _ in files}
-        if len(formats) > 1:
-            raise ValueError(f"{pattern!r} mixes formats {sorted(formats)}; narrow the glob")
-        fmt = formats.pop()
-    base = pattern_base(pattern)
+        raise ValueError(
+            f"{pattern!r} holds no {fmt} files"
+            + (
+                f" (skipped: {', '.join(relative_name(p, base) for p in side + skipped)})"
+                if side or skipped
+                else ""
+            )
+        )
+    sidecars = _pair_metadata(files, metadata)
     if fmt == "parquet":
         schemas = [
             s for s in (_read_parquet_schema(p) for p, _, _ in files[: cfg.schema_files]) if s
@@ -264,7 +402,21 @@ def discover(cfg: ReadConfig, pattern: str) -> InputPlan:
         passthrough=passthrough,
         passthrough_sources=sources,
         config=cfg,
+        sidecars=sidecars,
+        skipped=tuple(relative_name(p, base) for p in sorted(side + skipped)),
     )
+
+
+def _pair_metadata(
+    files: list[File], metadata: list[File]
+) -> tuple[tuple[str, str, int, float], ...]:
+    by_stem = {_stem(p): (p, size, mtime) for p, size, mtime in metadata}
+    pairs = []
+    for path, _, _ in files:
+        meta = by_stem.get(_stem(path))
+        if meta is not None:
+            pairs.append((path, *meta))
+    return tuple(pairs)
 
 
 def _discover_hf(cfg: ReadConfig, path: str) -> InputPlan:
@@ -272,32 +424,61 @@ def _discover_hf(cfg: ReadConfig, path: str) -> InputPlan:
 
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
-        split = cfg.hf_split or ("train" if "train" in ds else next(iter(ds)))
-        if split not in ds:
-            raise ValueError(f"{path}: no split {split!r} (has {list(ds)})")
-        ds = ds[split]
-    schema = ds.features.arrow_schema
+        if cfg.hf_split is not None and cfg.hf_split not in ds:
+            raise ValueError(f"{path}: no split {cfg.hf_split!r} (read.hf_split; has {list(ds)})")
+        names_ = [cfg.hf_split] if cfg.hf_split is not None else list(ds)
+        splits = tuple((name, len(ds[name])) for name in names_)
+        schema = _unify([ds[name].features.arrow_schema for name in names_])
+    else:
+        if cfg.hf_split is not None:
+            raise ValueError(f"{path} holds one dataset, not splits: unset read.hf_split")
+        splits = (("", len(ds)),)
+        schema = ds.features.arrow_schema
     names = schema.names
     image_col = _first_present(cfg.image_columns, names)
     caption_col = _first_present(cfg.caption_columns, names)
     uid_col = _first_present(cfg.uid_columns, names)
     passthrough, sources = _passthrough(schema, {c for c in (image_col, caption_col, uid_col) if c})
-    files = []
-    for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
-        full = os.path.join(path, name)
-        if os.path.isfile(full):
-            stat = os.stat(full)
-            files.append((full, stat.st_size, stat.st_mtime))
     return InputPlan(
         pattern=path,
         format="hf",
         base_dir=posixpath.dirname(path),
-        files=tuple(files) or ((path, 0, 0.0),),
+        files=tuple(_tree(path)) or ((path, 0, 0.0),),
         image_column=image_col,
         caption_column=caption_col,
         uid_column=uid_col,
         passthrough=passthrough,
         passthrough_sources=sources,
         config=cfg,
-        hf_rows=len(ds),
+        hf_rows=sum(n for _, n in splits),
+        hf_splits=splits,
     )
+
+
+def _tree(path: str) -> list[File]:
+    """Every file under a folder (the Arrow data of each split included), sorted."""
+    if "://" in path:
+        return _match(path.rstrip("/") + "/**")
+    files = []
+    for folder, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(folder, name)
+            stat = os.stat(full)
+            files.append((full, stat.st_size, stat.st_mtime))
+    return sorted(files)
+
+
+def input_layout(plan: InputPlan) -> dict[str, Any]:
+    """What the manifest says about the input beyond its files: HF splits read, side files
+    skipped, img2dataset metadata used."""
+    out: dict[str, Any] = {}
+    if plan.hf_splits:
+        out["splits"] = {split or "(dataset)": rows for split, rows in plan.hf_splits}
+    if plan.sidecars:
+        out["metadata_files"] = [
+            relative_name(meta, plan.base_dir) for _, meta, _, _ in plan.sidecars
+        ]
+    if plan.skipped:
+        out["skipped_files"] = list(plan.skipped[:100])
+        out["skipped_count"] = len(plan.skipped)
+    return out

@@ -1,6 +1,7 @@
-"""HF ``datasets`` reader: one index range of a ``save_to_disk`` folder -> records.
+"""HF ``datasets`` reader: one index range of one split of a ``save_to_disk`` folder -> records.
 
-The dataset is memory-mapped Arrow; only the batches that hold wanted rows are converted.
+Each split of a DatasetDict is its own ``source`` (``folder/split``). The dataset is
+memory-mapped Arrow; only the batches that hold wanted rows are converted.
 """
 
 from __future__ import annotations
@@ -17,31 +18,28 @@ from capgap.transforms.reasons import Reason
 
 
 class ReadHfFn(_ReadFn):
-    """One index range of a ``datasets.save_to_disk`` folder -> records."""
+    """One index range ``(split, start, stop)`` of a ``datasets.save_to_disk`` folder ->
+    records (split ``""``: a folder holding one Dataset)."""
 
     def setup(self) -> None:
         super().setup()
         self._ds = None
 
-    def _dataset(self):
+    def _dataset(self, split: str):
         if self._ds is None:
             import datasets
 
-            ds = datasets.load_from_disk(self.plan.pattern)
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[self.plan.config.hf_split or ("train" if "train" in ds else next(iter(ds)))]
-            self._ds = ds.with_format("arrow")
-        return self._ds
+            self._ds = datasets.load_from_disk(self.plan.pattern)
+        ds = self._ds[split] if split else self._ds
+        return ds.with_format("arrow")
 
-    def records(self, task: tuple[int, int], wanted=None) -> Iterator[tuple[str, dict]]:
-        start, stop = task
-        path = self.plan.pattern
-        source = posixpath.basename(path.rstrip("/"))
-        if self.plan.config.hf_split:
-            source = f"{source}/{self.plan.config.hf_split}"
+    def records(self, task: tuple[str, int, int], wanted=None) -> Iterator[tuple[str, dict]]:
+        split, start, stop = task
+        path = posixpath.join(self.plan.pattern, split) if split else self.plan.pattern
+        source = self.plan.hf_source(split)
         try:
-            ds = self._dataset()
-        except (OSError, ValueError, FileNotFoundError, pa.ArrowException) as err:
+            ds = self._dataset(split)
+        except (OSError, ValueError, KeyError, pa.ArrowException) as err:
             yield self._shard_error(path, Reason.SHARD_UNREADABLE, err, index=start)
             return
         reader = _TableRows(self, path, source, ds.features.arrow_schema)

@@ -30,7 +30,9 @@ class ReadParquetFn(_ReadFn):
             return
         with fh:
             try:
-                pf = pq.ParquetFile(fh)
+                # Pages written with CRCs (write_page_checksum) are checked: a flipped
+                # byte is a record_unreadable row group, not silently wrong data.
+                pf = pq.ParquetFile(fh, page_checksum_verification=True)
                 schema = pf.schema_arrow
             except (OSError, pa.ArrowException, ValueError, EOFError) as err:
                 yield self._shard_error(path, Reason.SHARD_UNREADABLE, err)

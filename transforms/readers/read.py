@@ -1,6 +1,6 @@
 """``ReadRecords``: the PTransform that reads an :class:`InputPlan` with its format's reader.
 
-Each shard (or HF index range) is one task; tasks are reshuffled across workers.
+Each shard (or HF index range of one split) is one task; tasks are reshuffled across workers.
 
     records = pipeline | ReadRecords(discover(ReadConfig(), "shards/*.tar"))
 """
@@ -46,7 +46,11 @@ class ReadRecords(beam.PTransform):
         plan = self.plan
         if plan.format == "hf":
             step = plan.config.hf_rows_per_task
-            tasks = [(lo, min(lo + step, plan.hf_rows)) for lo in range(0, plan.hf_rows, step)]
+            tasks = [
+                (split, lo, min(lo + step, rows))
+                for split, rows in plan.hf_splits
+                for lo in range(0, rows, step)
+            ]
             fn: _ReadFn = ReadHfFn(plan, self.namespace, self.index_only)
         else:
             tasks = [path for path, _, _ in plan.files]

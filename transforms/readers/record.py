@@ -14,7 +14,29 @@ from capgap.transforms.reasons import Reason, exception_message
 
 
 def derived_uid(source: str, index: int) -> str:
+    """The uid of a row that has none: ``<shard>#<row>``."""
     return f"{source}#{index}"
+
+
+def shard_error_uid(source: str, index: int) -> str:
+    """The uid of a shard's error row: ``<shard>#shard`` (whole shard), ``<shard>#tail@N``."""
+    return f"{source}#shard" if index < 0 else f"{source}#tail@{index}"
+
+
+def is_derived(uid: str, ref: tuple[str, int]) -> bool:
+    """Whether ``uid`` is the one capgap derives for the row at ``ref`` (its own position).
+
+    Derived uids are unique by construction (one per ref); a real uid can still equal one,
+    and then the real one wins (:mod:`capgap.transforms.dedup`). A real uid that names its
+    own row's position is treated as derived: it cannot collide with itself.
+    """
+    source, index = ref
+    return uid == derived_uid(source, index) or uid == shard_error_uid(source, index)
+
+
+def renamed_derived(uid: str) -> str:
+    """What a derived uid becomes when a real uid of the input equals it."""
+    return f"{uid}#derived"
 
 
 def make_record(

@@ -47,6 +47,14 @@ def _image_value(value: Any) -> tuple[bytes | None, str | None, str | None]:
     return None, None, f"image cell of type {type(value).__name__}"
 
 
+def source_failed(status: Any, message: Any, ok: list[str]) -> tuple[str, str, str] | None:
+    """The ``source_failed`` error of a row whose status is set and not one of ``ok``."""
+    if status is None or str(status) in ok:
+        return None
+    text = f"{status}: {message}" if message not in (None, "") else str(status)
+    return (Reason.SOURCE_FAILED.value, "SourceFailed", text[:2000])
+
+
 def _values(tp: pa.DataType) -> pa.DataType:
     """The value type of a dictionary-encoded column (pandas' categoricals), else ``tp``."""
     return tp.value_type if pa.types.is_dictionary(tp) else tp
@@ -96,6 +104,10 @@ class _TableRows:
                 )
         self.uid_col = plan.uid_column if plan.uid_column in names else None
         self.image_root = fn._root(path)
+        cfg = plan.config
+        self.status_cols = None
+        if cfg.status_column in names and cfg.status_message_column in names:
+            self.status_cols = (cfg.status_column, cfg.status_message_column)
 
     @property
     def index_columns(self) -> list[str]:
@@ -143,6 +155,7 @@ class _TableRows:
         )
         images = _pylist(image_column, raw=not is_text)
         captions = _pylist(table.column(plan.caption_column), raw=True)
+        failed = self._failed(table)
         for i, index in enumerate(positions):
             data, path, problem = _image_value(images[i])
             kwargs: dict[str, Any] = {
@@ -152,9 +165,24 @@ class _TableRows:
                 "caption": captions[i],
                 "columns": {name: col[i] for name, col in columns.items()},
             }
-            if problem:
+            if failed[i] is not None:
+                kwargs["error"] = failed[i]
+            elif problem:
                 kwargs["error"] = (Reason.COLUMN_TYPE_INVALID.value, "SchemaError", problem)
             yield self.fn._emit(image=data, image_path=path, image_root=self.image_root, **kwargs)
+
+    def _failed(self, table: pa.Table) -> list[tuple[str, str, str] | None]:
+        """Per row: the ``source_failed`` error of a row the input's tool marked failed
+        (img2dataset's ``status`` / ``error_message``), else None."""
+        if self.status_cols is None:
+            return [None] * table.num_rows
+        status_col, message_col = self.status_cols
+        return [
+            source_failed(status, message, self.plan.config.status_ok)
+            for status, message in zip(
+                _pylist(table.column(status_col)), _pylist(table.column(message_col)), strict=True
+            )
+        ]
 
     def unreadable(
         self, start: int, n: int, err: BaseException, uids: list[Any] | None

@@ -2,21 +2,34 @@
 
 Members are grouped by key (img2dataset layout); the caption is the ``.txt`` member, else
 a caption field of the ``.json`` one, which is passed through as ``meta_json``. A
-truncated or corrupt tar ends the shard with one error record.
+truncated or corrupt tar ends the shard with one error record. A sample with two image
+members (``a.jpg`` and ``a.png``) or one member twice is ``record_malformed``: which
+image the caption belongs to is unknown.
+
+img2dataset (webdataset output mode) writes only downloaded samples into the tar; its
+``00000.parquet`` next to ``00000.tar`` lists every URL of the shard with ``status`` and
+``error_message``. The rows of that metadata file whose status is not ``success`` are read
+after the tar, as ``source_failed`` error records (source: the metadata file, index: its
+row), so every URL given to img2dataset ends in exactly one output.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 import tarfile
 import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from capgap.transforms.readers.base import _ReadFn
 from capgap.transforms.readers.discover import relative_name
 from capgap.transforms.readers.record import _error
+from capgap.transforms.readers.table import _pylist, source_failed
 from capgap.transforms.reasons import Reason
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -89,6 +102,10 @@ class ReadTarFn(_ReadFn):
                         yield self._sample(path, source, index, key, parts, problems)
                         index += 1
                     key, parts, problems = member_key, {}, []
+                if ext in parts:
+                    problems.append(
+                        _error(Reason.RECORD_MALFORMED, f"member {member.name!r} appears twice")
+                    )
                 try:
                     handle = tar.extractfile(member)
                     parts[ext] = handle.read() if handle is not None else b""
@@ -100,6 +117,48 @@ class ReadTarFn(_ReadFn):
                     return
             if key is not None:
                 yield self._sample(path, source, index, key, parts, problems)
+        metadata = self.plan.sidecar(path)
+        if metadata is not None:
+            yield from self._failed_rows(metadata)
+
+    def _failed_rows(self, path: str) -> Iterator[tuple[str, dict]]:
+        """img2dataset's failed rows, from the tar's metadata Parquet (not in the tar)."""
+        cfg = self.plan.config
+        source = relative_name(path, self.plan.base_dir)
+        fh, unreadable = self._open(path, "uncompressed")
+        if unreadable is not None:
+            yield unreadable
+            return
+        with fh:
+            try:
+                table = pq.read_table(fh, page_checksum_verification=True)
+            except (OSError, pa.ArrowException, ValueError, EOFError) as err:
+                yield self._shard_error(path, Reason.SHARD_UNREADABLE, err)
+                return
+        names = table.column_names
+        if cfg.status_column not in names:
+            return
+        status = _pylist(table.column(cfg.status_column))
+        message_col = cfg.status_message_column
+        messages = (
+            _pylist(table.column(message_col)) if message_col in names else [None] * len(status)
+        )
+        uid_col = next((c for c in cfg.uid_columns if c in names), None)
+        caption_col = next((c for c in cfg.caption_columns if c in names), None)
+        for index, (state, message) in enumerate(zip(status, messages, strict=True)):
+            error = source_failed(state, message, cfg.status_ok)
+            if error is None:
+                continue
+            row = {name: _jsonable(table.column(name)[index].as_py()) for name in names}
+            yield self._emit(
+                uid=self._uid(row.get(uid_col) if uid_col else None, source, index),
+                source=source,
+                index=index,
+                caption=row.get(caption_col) if caption_col else None,
+                columns={"meta_json": json.dumps(row, ensure_ascii=False)},
+                image_root=self._root(path),
+                error=error,
+            )
 
     def _sample(self, path, source, index, key, parts, problems):
         cfg = self.plan.config
@@ -114,7 +173,16 @@ class ReadTarFn(_ReadFn):
                 meta_text = None
         meta = meta if isinstance(meta, dict) else {}
         uid_value = next((meta[c] for c in cfg.uid_columns if meta.get(c) not in (None, "")), None)
-        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        images = [e for e in IMAGE_EXTENSIONS if e in parts]
+        image = parts[images[0]] if images else None
+        if len(images) > 1:
+            members = ", ".join(f"{key}.{e}" for e in images)
+            error = error or _error(
+                Reason.RECORD_MALFORMED, f"two image members for one key: {members}"
+            )
+        if error is None and cfg.status_column in meta and cfg.status_message_column in meta:
+            status, message = meta[cfg.status_column], meta[cfg.status_message_column]
+            error = source_failed(status, message, cfg.status_ok)
         if "txt" in parts:
             caption: Any = parts["txt"]
         else:
@@ -129,3 +197,14 @@ class ReadTarFn(_ReadFn):
             image_root=self._root(path),
             error=error,
         )
+
+
+def _jsonable(value: Any) -> Any:
+    """A metadata cell as JSON can hold it (bytes as text, NaN as null)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict | list | str | int | float | bool) or value is None:
+        return value
+    return str(value)
