@@ -58,6 +58,8 @@ setup(
             "hypothesis>=6.100",
             "ruff>=0.6",
             "import-linter>=2.1",
+            "webdataset>=0.2.86",
+            "polars>=1.0",
         ],
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
         "spark": ["pyspark>=3.4"],
