@@ -107,7 +107,13 @@ def with_hf_features(schema: pa.Schema) -> pa.Schema:
     :data:`ROW_FIELDS` stays capgap's promise, not the files' schema."""
     import datasets
 
-    features = datasets.Features.from_arrow_schema(schema.remove_metadata())
+    known = {}
+    for f in schema:  # a passthrough type datasets has no feature for (map) is left out
+        try:
+            known[f.name] = datasets.Features.from_arrow_schema(pa.schema([f]))[f.name]
+        except (ValueError, TypeError, NotImplementedError):
+            continue
+    features = datasets.Features(known)
     if "image" in features:
         features["image"] = datasets.Image()
     fields = [f.with_nullable(True) for f in schema]

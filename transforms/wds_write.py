@@ -49,8 +49,9 @@ _NOT_IN_JSON = frozenset({"image", "caption", "columns", "pixels"})
 
 
 def sample_key(uid: str) -> str:
-    """A WebDataset key for ``uid``: no dot or slash, unique (an injective escape)."""
-    return quote(uid, safe="-_").replace(".", "%2E").replace("~", "%7E")
+    """A WebDataset key for ``uid``: no dot or slash, unique (an injective escape; the empty
+    uid is ``%``, which no escape of another uid can be)."""
+    return quote(uid, safe="-_").replace(".", "%2E").replace("~", "%7E") or "%"
 
 
 def sample_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
@@ -101,6 +102,11 @@ class _WriteShardFn(beam.DoFn):
         yield path, write_tar(path, (sample_members(r) for r in rows))
 
 
+def shard_count(rows: int, num_shards: int, samples_per_shard: int) -> int:
+    """``num_shards`` when set, else one shard per ``samples_per_shard`` rows (at least one)."""
+    return num_shards or max(1, math.ceil(rows / samples_per_shard))
+
+
 def _slim(row: dict[str, Any]) -> dict[str, Any]:
     """What a sample needs of a row (the model's pixels stay behind)."""
     return {k: v for k, v in row.items() if k != "pixels"}
@@ -115,11 +121,6 @@ class WriteWebDataset(beam.PTransform):
             raise ValueError("webdataset shards: num_shards >= 0, samples_per_shard >= 1")
         self.output, self.num_shards = output, num_shards
         self.samples_per_shard = samples_per_shard
-
-    def _shards(self, count: int) -> int:
-        if self.num_shards:
-            return self.num_shards
-        return max(1, math.ceil(count / self.samples_per_shard))
 
     def expand(self, rows):
         n = rows | "Count" >> beam.combiners.Count.Globally() | "Shards" >> beam.Map(self._shards)
