@@ -123,7 +123,11 @@ class WriteWebDataset(beam.PTransform):
         self.samples_per_shard = samples_per_shard
 
     def expand(self, rows):
-        n = rows | "Count" >> beam.combiners.Count.Globally() | "Shards" >> beam.Map(self._shards)
+        n = (
+            rows
+            | "Count" >> beam.combiners.Count.Globally()
+            | "Shards" >> beam.Map(shard_count, self.num_shards, self.samples_per_shard)
+        )
         keyed = rows | "ByUid" >> beam.Map(
             lambda row, k: (shard_of(row["uid"], k), _slim(row)), k=beam.pvalue.AsSingleton(n)
         )
