@@ -218,6 +218,10 @@ STORED_CASES = {
     "tiff": (lambda: encode(smooth(), "TIFF"), "PNG"),
     "bmp": (lambda: encode(smooth(), "BMP"), "PNG"),
     "gif": (_animated_gif, "PNG"),
+    "mpo": (  # a phone's multi-picture JPEG: its first frame, stored as a JPEG
+        lambda: encode(smooth(), "MPO", save_all=True, append_images=[Image.new("RGB", (9, 9))]),
+        "JPEG",
+    ),
 }
 
 
