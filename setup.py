@@ -59,7 +59,8 @@ setup(
             "hypothesis>=6.100",
             "ruff>=0.6",
             "import-linter>=2.1",
-            "webdataset>=0.2.86",  # tests write tar inputs with its ShardWriter
+            "webdataset>=0.2.86",  # tests write tar inputs and read the tar export with it
+            "polars>=1.0",  # tests read the outputs with it
         ],
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
         "spark": ["pyspark>=3.4"],

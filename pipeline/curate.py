@@ -10,7 +10,7 @@ Data flow (see docs in README / DESIGN.md)::
     scores against the bank                                    -> clip_score, certainty, imbalance
     decide: keep | drop (rejected/) | recaption
     recaption (transforms/recaption.py, if recaption.enabled)  -> dense caption
-    write curated/ rejected/ errors/ Parquet, then manifest.json
+    write curated/ rejected/ errors/ Parquet (+ curated-wds/ tars), README.md card, manifest.json
 
 Settings: a ``CurateConfig`` (defaults <- ``--config`` YAML, default the packaged
 ``curate`` preset <- ``--set key=value`` and the top-level flags below). Beam
@@ -79,7 +79,8 @@ from capgap.transforms.schema import (
     row_schema,
 )
 from capgap.transforms.score import ScoreConfig, ScorePairs
-from capgap.transforms.write import WriteManifestFn, WriteParquet, clear_outputs
+from capgap.transforms.wds_write import WriteWebDataset
+from capgap.transforms.write import WriteConfig, WriteManifestFn, WriteParquet, clear_outputs
 
 LOG = logging.getLogger("capgap.curate")
 
@@ -116,6 +117,7 @@ class CurateConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     decide: DecideConfig = field(default_factory=DecideConfig)
     recaption: RecaptionSwitch = field(default_factory=RecaptionSwitch)
+    write: WriteConfig = field(default_factory=WriteConfig)
 
     def __post_init__(self) -> None:
         if self.num_shards < 0:
@@ -223,17 +225,24 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
         embedded[ERRORS],
     ) | "Errors" >> beam.Flatten()
 
-    extra = recaption_fields(stage_cfg.output_column if stage_cfg else "caption")
-    curated_schema = row_schema(plan.passthrough, extra)
-    rejected_schema = row_schema(plan.passthrough)
+    # One schema for curated/ and rejected/ (the recaption columns null on rejected rows).
+    schema = row_schema(
+        plan.passthrough, recaption_fields(stage_cfg.output_column if stage_cfg else "caption")
+    )
     files = {
         CURATED: curated
-        | "WriteCurated" >> WriteParquet(cfg.output, CURATED, curated_schema, cfg.num_shards),
+        | "WriteCurated" >> WriteParquet(cfg.output, CURATED, schema, cfg.num_shards),
         REJECTED: rejected
-        | "WriteRejected" >> WriteParquet(cfg.output, REJECTED, rejected_schema, cfg.num_shards),
+        | "WriteRejected" >> WriteParquet(cfg.output, REJECTED, schema, cfg.num_shards),
         ERRORS: errors
         | "WriteErrors" >> WriteParquet(cfg.output, ERRORS, ERRORS_SCHEMA, cfg.num_shards),
     }
+    if "webdataset" in cfg.write.formats:
+        shards = curated | "WriteCuratedWds" >> WriteWebDataset(
+            cfg.output, cfg.num_shards, cfg.write.webdataset_samples_per_shard
+        )
+    else:
+        shards = p | "NoWebDataset" >> beam.Create([])
     counts = {CURATED: curated, REJECTED: rejected, ERRORS: errors} | "Count" >> CountOutcomes()
     runtime = decided["thresholds"] | "Runtime" >> beam.Map(
         lambda thresholds, bank: {"thresholds": thresholds, "bank": bank_summary(bank)},
@@ -280,6 +289,7 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
             rejected_files=beam.pvalue.AsList(files[REJECTED]),
             error_files=beam.pvalue.AsList(files[ERRORS]),
             runtime=beam.pvalue.AsSingleton(runtime),
+            webdataset=beam.pvalue.AsList(shards),
         )
     )
     return {

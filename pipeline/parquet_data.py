@@ -4,7 +4,8 @@
 cut into slices) are the units of work; each epoch shuffles the unit order with a
 seed, deals the units round-robin to DataLoader workers (every row read exactly
 once per epoch, no duplicates), and each worker shuffles rows through a seeded
-buffer. Images are PNG/JPEG bytes; column names are configurable. When a second
+buffer. Images are encoded bytes (JPEG, PNG, WebP), in a binary column or in Hugging
+Face's ``Image()`` struct ``{bytes, path}`` as ``capgap curate`` writes them; column names are configurable. When a second
 caption column exists (``original_caption`` after recaptioning), each row uses the
 dense caption with probability ``dense_prob`` (0.8, as Recap-DataComp-1B) and the
 original otherwise. A row that fails to decode raises with its uid: training data
@@ -35,8 +36,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from capgap.core.images import rgb_image
 
-# (shard, row group, row in group), uid, image bytes, caption
-Row = tuple[tuple[str, int, int], str, bytes | None, str | None]
+# (shard, row group, row in group), uid, image cell (bytes or an HF {bytes, path}), caption
+Row = tuple[tuple[str, int, int], str, bytes | dict | None, str | None]
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class ParquetPairs(IterableDataset):
         self,
         key: tuple[str, int, int] | None,
         uid: str,
-        image_bytes: bytes | None,
+        image_bytes: bytes | dict | None,
         caption: str | None,
     ) -> tuple[torch.Tensor, str]:
         """Decoded, preprocessed image and its caption; raises ValueError naming the uid."""

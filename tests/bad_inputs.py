@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from capgap.core.images import image_bytes
+
 READERS = ("parquet", "webdataset", "hf", "csv")
 ALL = frozenset(READERS)
 BYTES_READERS = frozenset({"parquet", "webdataset", "hf"})
@@ -243,7 +245,7 @@ def random_bytes(n: int = 600, seed: int = 7) -> bytes:
 
 
 def stored_image(pair: dict[str, Any]) -> Image.Image:
-    im = Image.open(io.BytesIO(pair["image"]))
+    im = Image.open(io.BytesIO(image_bytes(pair["image"])))  # bytes, or curated/'s struct
     im.load()
     return im
 
@@ -1117,6 +1119,7 @@ def read_build(output: str | os.PathLike) -> BuildOutput:
         rel = entry.relative_to(root).as_posix()
         if (
             rel == "manifest.json"
+            or rel == "README.md"  # the dataset card
             or rel == "config.yaml"
             or entry.is_dir()
             and rel

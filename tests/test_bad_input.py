@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bad_inputs  # noqa: E402
-from bad_inputs import CURATED, ERRORS, KINDS, READERS  # noqa: E402
+from bad_inputs import CURATED, ERRORS, KINDS, READERS, stored_image  # noqa: E402
 
 from capgap.transforms.decode import DecodeConfig, decode_image  # noqa: E402
 from capgap.transforms.reasons import Reason, Stage, outcome_of  # noqa: E402
@@ -288,5 +288,9 @@ def test_curate_accounting_and_manifest(curated):
             f"{folder}/{name}" for name in built.files.get(folder, [])
         ]
     assert not built.stray, built.stray
+    for row in built.rows.get("curated", []) + built.rows.get("rejected", []):
+        # image_format names the stored bytes, whatever the source was (CMYK, 16-bit,
+        # palette, animated, EXIF-rotated, WebP, ...)
+        assert row["image_format"] == stored_image(row).format, row["uid"]
     uids = [row["uid"] for rows in built.rows.values() for row in rows]
     assert len(uids) == len(set(uids)) + 1  # the duplicate uid appears once kept, once in errors

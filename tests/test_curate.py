@@ -149,6 +149,12 @@ def test_manifest(in_memory_build):
     for folder in ("curated", "rejected", "errors"):
         listed = sorted(os.path.join(output, f) for f in on_disk["outputs"][folder])
         assert listed == sorted(glob.glob(os.path.join(output, folder, "*.parquet")))
+    # the dataset card is written; WebDataset shards only when write.formats asks
+    assert on_disk["outputs"]["card"] == "README.md"
+    with open(os.path.join(output, "README.md"), encoding="utf-8") as fh:
+        assert fh.read().startswith("---\nconfigs:\n- config_name: curated\n")
+    assert "curated-wds" not in on_disk["outputs"]
+    assert not os.path.exists(os.path.join(output, "curated-wds"))
 
 
 def test_refuses_to_overwrite_a_finished_build(mixed_input, in_memory_build):

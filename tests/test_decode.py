@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from PIL import Image
+from PIL import Image, ImageOps
 
 from capgap.transforms.captions import CaptionConfig, _visible, normalise_caption
 from capgap.transforms.decode import (
@@ -124,7 +124,127 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # rotate 90 CW on display
     out = decode_image(encode(im, "JPEG", exif=exif.tobytes()), CFG)
     assert (out.width, out.height) == (20, 40)
-    assert "exif_orientation:6" in out.notes and "reencoded_png" in out.notes
+    assert "exif_orientation:6" in out.notes and "reencoded_jpeg" in out.notes
+    assert out.format == "JPEG" == Image.open(io.BytesIO(out.data)).format
+
+
+# --- what curated/ stores --------------------------------------------------------------------
+
+
+def photo(name: str) -> Image.Image:
+    """A real photo shipped with scikit-learn (china.jpg, flower.jpg: 640x427 JPEGs)."""
+    from sklearn.datasets import load_sample_image
+
+    return Image.fromarray(load_sample_image(name))
+
+
+def exif_rotated(im: Image.Image, orientation: int, **save) -> bytes:
+    """``im`` as a JPEG whose EXIF says ``orientation`` (what a phone camera writes)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(im, "JPEG", exif=exif.tobytes(), **save)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("name", ["china.jpg", "flower.jpg"])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("save", [{"quality": 90}, {"quality": 75, "subsampling": 0}])
+def test_exif_rotated_jpeg_stays_a_jpeg_of_about_its_size(name, orientation, save):
+    pristine = photo(name)
+    data = exif_rotated(pristine, orientation, **save)
+    out = decode_image(data, DecodeConfig())
+    stored = Image.open(io.BytesIO(out.data))
+    assert out.format == stored.format == "JPEG"
+    assert len(out.data) <= 1.2 * len(data)  # a PNG of it is ~5x
+    assert stored.getexif().get(0x0112) is None  # upright: no reader rotates it twice
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    got = np.asarray(stored.convert("RGB"))
+    assert got.shape == want.shape == (out.height, out.width, 3)
+    # JPEG tolerance: one more generation at the source's own tables adds less error than
+    # the source's own compression had (31.8-48 dB here against 30.0-37.1 dB).
+    source_loss = psnr(
+        np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), np.asarray(pristine)
+    )
+    assert psnr(got, want) > max(30.0, source_loss)
+    assert np.abs(got.astype(int) - want).mean() < 4.5
+
+
+def test_exif_rotated_greyscale_jpeg_stays_greyscale_jpeg():
+    data = exif_rotated(photo("flower.jpg").convert("L"), 6)
+    out = decode_image(data, DecodeConfig())
+    stored = Image.open(io.BytesIO(out.data))
+    assert (out.format, stored.format, stored.mode) == ("JPEG", "JPEG", "L")
+    assert len(out.data) <= 1.2 * len(data)
+
+
+def smooth(w: int = 40, h: int = 24) -> Image.Image:
+    """A gradient: lossy codecs keep it within a few levels (noise they do not)."""
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (w + h)], axis=-1)
+    return Image.fromarray(arr.astype(np.uint8), mode="RGB")
+
+
+def _webp_lossy_rotated() -> bytes:
+    return exif_rotated_as(smooth(), "WEBP", quality=80)
+
+
+def exif_rotated_as(im: Image.Image, fmt: str, **save) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(im, fmt, exif=exif.tobytes(), **save)
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+
+
+STORED_CASES = {
+    "rgb-png": (lambda: encode(smooth()), "PNG"),
+    "rgb-jpeg": (lambda: encode(smooth(), "JPEG"), "JPEG"),
+    "rotated-jpeg": (lambda: exif_rotated(smooth(), 6), "JPEG"),
+    "cmyk-jpeg": (lambda: encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"), "JPEG"),
+    "rotated-webp-lossy": (_webp_lossy_rotated, "WEBP"),
+    "rgba-webp-lossless": (
+        lambda: encode(Image.new("RGBA", (16, 16), (1, 2, 3, 100)), "WEBP", lossless=True),
+        "WEBP",
+    ),
+    "palette-png": (lambda: encode(smooth().convert("P")), "PNG"),
+    "rotated-png": (lambda: exif_rotated_as(smooth(), "PNG"), "PNG"),
+    "tiff": (lambda: encode(smooth(), "TIFF"), "PNG"),
+    "bmp": (lambda: encode(smooth(), "BMP"), "PNG"),
+    "gif": (_animated_gif, "PNG"),
+    "mpo": (  # a phone's multi-picture JPEG: its first frame, stored as a JPEG
+        lambda: encode(smooth(), "MPO", save_all=True, append_images=[Image.new("RGB", (9, 9))]),
+        "JPEG",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STORED_CASES))
+def test_image_format_names_the_stored_bytes(case):
+    make, stored_format = STORED_CASES[case]
+    out = decode_image(make(), CFG)
+    stored = Image.open(io.BytesIO(out.data))
+    assert out.format == stored.format == stored_format
+    assert stored.size == (out.width, out.height)
+    got = np.asarray(stored.convert("RGB"))
+    pixels = np.asarray(Image.fromarray(out.pixels))  # no downscale at these sizes
+    lossy = stored_format != "PNG" and not case.endswith("lossless")
+    assert np.abs(got.astype(int) - pixels).mean() <= (3.0 if lossy else 0.0)
+
+
+def test_webp_lossless_is_told_from_lossy():
+    from capgap.transforms.decode import _webp_lossless
+
+    assert _webp_lossless(encode(rgb_image(), "WEBP", lossless=True))
+    assert not _webp_lossless(encode(rgb_image(), "WEBP", quality=80))
+    alpha = encode(Image.new("RGBA", (16, 16), (1, 2, 3, 100)), "WEBP", quality=80)
+    assert not _webp_lossless(alpha)
 
 
 def _with_orientation(fmt: str) -> bytes:

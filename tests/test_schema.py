@@ -84,3 +84,14 @@ def test_rows_reaching_each_sink_match_its_schema(tmp_path):
         )
         assert_that(keys, _check_keys(allowed, required, name), label=f"{name}Check")
     p.run().wait_until_finish()
+
+
+def test_hf_features_metadata_describes_every_column_datasets_can_hold():
+    import json
+
+    passthrough = pa.schema([("labels", pa.map_(pa.string(), pa.int64())), ("k", pa.int8())])
+    out = schema.row_schema(passthrough, schema.recaption_fields())
+    features = json.loads(out.metadata[b"huggingface"])["info"]["features"]
+    assert features["image"] == {"_type": "Image"}
+    assert "k" in features and "labels" not in features  # no datasets feature for a map
+    assert out.field("image").type == schema.IMAGE_TYPE and all(f.nullable for f in out)

@@ -1,17 +1,30 @@
-"""The Parquet sinks: rows -> Arrow row groups -> ``WriteToParquetBatched`` files.
+"""The sinks: rows -> Arrow row groups -> ``WriteToParquetBatched`` files; WebDataset tars.
 
 .venv/bin/python -m pytest -q tests/test_write.py
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tarfile
+
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from capgap.transforms.write import RowsToArrowFn, WriteParquet, record_batch
+from capgap.transforms.schema import IMAGE_TYPE
+from capgap.transforms.wds_write import WriteWebDataset, sample_key
+from capgap.transforms.write import (
+    RowsToArrowFn,
+    WriteConfig,
+    WriteParquet,
+    clear_outputs,
+    record_batch,
+)
 
 SCHEMA = pa.schema(
     [
@@ -63,3 +76,78 @@ def test_write_parquet_writes_one_row_group_per_64_mib(tmp_path):
     assert all(pq.ParquetFile(f).num_row_groups == 1 for f in files)
     labels = sorted(v for t in tables for v in t.column("label").to_pylist())
     assert labels == [i * 10 for i in range(600)]
+
+
+def test_image_bytes_become_hf_image_structs():
+    schema = pa.schema([pa.field("uid", pa.string()), pa.field("image", IMAGE_TYPE)])
+    batch = record_batch([{"uid": "a", "image": b"\x89PNG"}, {"uid": "b", "image": None}], schema)
+    assert batch.column("image").to_pylist() == [{"bytes": b"\x89PNG", "path": None}, None]
+
+
+def test_write_config_needs_parquet_and_known_formats():
+    assert WriteConfig().formats == ["parquet"]
+    WriteConfig(formats=["parquet", "webdataset"])
+    for formats in (["webdataset"], ["parquet", "tfrecord"]):
+        with pytest.raises(ValueError):
+            WriteConfig(formats=formats)
+
+
+def _row(uid: str, fmt: str = "PNG") -> dict:
+    return {
+        "uid": uid,
+        "image": f"bytes of {uid}".encode(),
+        "image_format": fmt,
+        "caption": f"caption of {uid}",
+        "original_caption": "orig",
+        "certainty": 0.5,
+        "pixels": object(),  # never written
+        "columns": {"label": 3},
+    }
+
+
+def test_webdataset_sink_writes_every_shard_index_and_row_once(tmp_path):
+    uids = [f"s.{i}" for i in range(7)] + ["a/b.c", "x%2Ey"]
+    with TestPipeline() as p:
+        shards = (
+            p | beam.Create([_row(u) for u in uids]) | WriteWebDataset(str(tmp_path), num_shards=4)
+        )
+        assert_that(
+            shards | beam.Map(lambda kv: kv[1]) | beam.CombineGlobally(sum),
+            equal_to([len(uids)]),
+        )
+    names = sorted(os.listdir(tmp_path / "curated-wds"))
+    assert names == [f"shard-{i:05d}.tar" for i in range(4)]  # an unbroken brace range
+    members = []
+    for name in names:
+        with tarfile.open(tmp_path / "curated-wds" / name) as tar:
+            for info in tar:
+                members.append((info.name, tar.extractfile(info).read()))
+    by_name = dict(members)
+    assert len(members) == 3 * len(uids)
+    for uid in uids:
+        key = sample_key(uid)
+        meta = json.loads(by_name[f"{key}.json"])
+        assert meta["uid"] == uid and meta["label"] == 3 and "pixels" not in meta
+        assert by_name[f"{key}.png"] == f"bytes of {uid}".encode()
+        assert by_name[f"{key}.txt"].decode() == f"caption of {uid}"
+
+
+def test_webdataset_shard_count_follows_the_row_count(tmp_path):
+    with TestPipeline() as p:
+        _ = (
+            p
+            | beam.Create([_row(f"u{i}", "JPEG") for i in range(10)])
+            | WriteWebDataset(str(tmp_path), samples_per_shard=3)
+        )
+    assert len(os.listdir(tmp_path / "curated-wds")) == 4  # ceil(10 / 3)
+
+
+def test_clear_outputs_removes_card_and_tar_shards(tmp_path):
+    for name in ("curated", "curated-wds", "errors"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x").write_bytes(b"")
+    (tmp_path / "README.md").write_text("card")
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "keep.txt").write_text("not ours")
+    clear_outputs(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]

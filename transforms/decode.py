@@ -11,8 +11,12 @@ and ``...Warning`` included), full decode to catch truncation, first frame of an
 animation (recorded), EXIF orientation applied, every PIL mode mapped to RGB
 (palette and alpha composited over ``decode.alpha_background``, 16-bit and float
 scaled, CMYK, 1-bit, ...). A blank image is never substituted. The image written to
-``curated/`` is the original bytes when nothing changed, else a PNG of the
-normalised RGB image; ``decode_notes`` records what was done.
+``curated/`` is the original bytes when nothing changed, else a re-encoding chosen by
+:func:`stored_encoding` that keeps the source's kind of compression: a JPEG stays a JPEG
+(only EXIF-rotated: re-encoded with the source's own quantisation tables and chroma
+subsampling, about the source's size), a WebP stays a WebP (lossless if it was), anything
+else becomes a PNG. ``image_format`` always names the stored bytes' format;
+``decode_notes`` records what was done (``reencoded_jpeg``, ``from:TIFF``, ...).
 
 Captions are normalised by :mod:`capgap.transforms.captions`.
 
@@ -34,7 +38,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 from capgap.transforms.captions import CaptionConfig, normalise_caption
 from capgap.transforms.reasons import Reason, RecordError, Stage, error_row, exception_message
@@ -71,7 +75,7 @@ class DecodeConfig:
 class DecodedImage:
     pixels: np.ndarray  # (H, W, 3) uint8, downscaled to model_max_side
     data: bytes  # what curated/ stores
-    format: str
+    format: str  # the format of ``data`` (PIL's name: JPEG, PNG, WEBP)
     width: int  # after EXIF rotation
     height: int
     notes: list[str]
@@ -162,6 +166,71 @@ def exif_orientation(im: Image.Image) -> int:
     return int(im.getexif().get(0x0112, 1) or 1)
 
 
+#: Quality of a JPEG / lossy WebP re-encoded without usable source tables (CMYK JPEGs, ...).
+REENCODE_QUALITY = 95
+
+
+def _webp_lossless(data: bytes) -> bool:
+    """Whether a WebP file's image is lossless (a ``VP8L`` chunk, not ``VP8 ``)."""
+    return b"VP8L" in data[12:4096] and b"VP8 " not in data[12:4096]
+
+
+@dataclass(frozen=True)
+class JpegTables:
+    """What a JPEG re-encode needs of its source: quantisation tables and chroma subsampling
+    (PIL's ``get_sampling``: 0 4:4:4, 1 4:2:2, 2 4:2:0, -1 unknown)."""
+
+    qtables: dict[int, list[int]]
+    subsampling: int
+
+    @classmethod
+    def of(cls, im: Image.Image) -> JpegTables | None:
+        if not isinstance(im, JpegImagePlugin.JpegImageFile) or not im.quantization:
+            return None
+        return cls(dict(im.quantization), JpegImagePlugin.get_sampling(im))
+
+
+def stored_encoding(
+    source: Image.Image,
+    normalised: Image.Image,
+    fmt: str,
+    data: bytes,
+    tables: JpegTables | None = None,
+) -> tuple[bytes, str]:
+    """Encode the image ``curated/`` stores when the source bytes cannot be kept: returns
+    (bytes, PIL format name).
+
+    ``source`` is the decoded source image after EXIF orientation (its own mode),
+    ``normalised`` its RGB version, ``tables`` the source JPEG's (:class:`JpegTables`). A
+    JPEG (or MPO: a phone's multi-picture JPEG, first frame) whose pixels only moved (EXIF
+    orientation; mode RGB or L) is saved in its own mode with the source's quantisation
+    tables and subsampling: about the same quality at about the same size (a PNG of it is
+    5-10x larger). Other JPEGs (CMYK, ...) and lossy WebPs are saved at quality 95, lossless
+    WebPs losslessly, everything else as PNG.
+    """
+    buffer = io.BytesIO()
+    if fmt in ("JPEG", "MPO"):
+        if tables is not None and source.mode in ("RGB", "L"):
+            options: dict[str, Any] = {"qtables": tables.qtables}
+            if source.mode == "RGB" and tables.subsampling != -1:
+                options["subsampling"] = tables.subsampling
+            for key in ("icc_profile", "exif"):  # exif_transpose dropped the orientation tag
+                if source.info.get(key):
+                    options[key] = source.info[key]
+            source.save(buffer, format="JPEG", **options)
+        else:
+            normalised.save(buffer, format="JPEG", quality=REENCODE_QUALITY)
+        return buffer.getvalue(), "JPEG"
+    if fmt == "WEBP":
+        if _webp_lossless(data):
+            normalised.save(buffer, format="WEBP", lossless=True)
+        else:
+            normalised.save(buffer, format="WEBP", quality=REENCODE_QUALITY)
+        return buffer.getvalue(), "WEBP"
+    normalised.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue(), "PNG"
+
+
 def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
     """Validate and normalise encoded image bytes. Raises :class:`RecordError`."""
     if data is None:
@@ -204,6 +273,7 @@ def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
         except Exception as err:  # truncated / corrupt pixel data: many exception types
             raise _pil_error(_classify_load_error(err), err) from err
     original_mode = im.mode
+    tables = JpegTables.of(im)  # exif_transpose returns an image without them
     try:
         orientation = exif_orientation(im)
     except Exception as err:  # a broken EXIF block does not make the pixels wrong
@@ -238,13 +308,14 @@ def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
         and original_mode in ("RGB", "L")
         and fmt in ("JPEG", "PNG", "WEBP")
     )
+    stored_format = fmt
     if untouched:
         out = data
     else:
-        buffer = io.BytesIO()
-        rgb.save(buffer, format="PNG", compress_level=1)
-        out = buffer.getvalue()
-        notes.append("reencoded_png")
+        out, stored_format = stored_encoding(im, rgb, fmt, data, tables)
+        notes.append(f"reencoded_{stored_format.lower()}")
+        if stored_format != fmt:
+            notes.append(f"from:{fmt}")
     model_image = rgb
     if cfg.model_max_side and short > cfg.model_max_side:
         scale = cfg.model_max_side / short
@@ -252,7 +323,7 @@ def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
         model_image = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     pixels = np.asarray(model_image, dtype=np.uint8)
     return DecodedImage(
-        pixels=pixels, data=out, format=fmt, width=width, height=height, notes=notes
+        pixels=pixels, data=out, format=stored_format, width=width, height=height, notes=notes
     )
 
 

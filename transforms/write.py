@@ -1,10 +1,12 @@
-"""Parquet sinks and the manifest of ``capgap curate``.
+"""Parquet sinks, the dataset card and the manifest of ``capgap curate``.
 
 Under one output prefix a build writes::
 
     curated/part-SSSSS-of-NNNNN.parquet    kept + recaption rows: ROW schema + passthrough
     rejected/part-SSSSS-of-NNNNN.parquet   policy drops: the same schema, decision "drop"
     errors/part-SSSSS-of-NNNNN.parquet     failures: ERRORS_SCHEMA (a reference, no image)
+    curated-wds/shard-SSSSS.tar            with write.formats [.., webdataset] (wds_write.py)
+    README.md                              Hugging Face dataset card: configs (card.py)
     manifest.json                          written last: counts, config, models, versions
 
 Each sink is Beam's ``WriteToParquetBatched`` with an explicit pyarrow schema, fed
@@ -23,6 +25,7 @@ import os
 import posixpath
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
@@ -30,20 +33,59 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-from capgap.transforms.schema import CURATED, ERRORS, MANIFEST, OUTPUTS, REJECTED
+from capgap.transforms.card import dataset_card
+from capgap.transforms.schema import (
+    CARD,
+    CURATED,
+    ERRORS,
+    IMAGE_TYPE,
+    MANIFEST,
+    OUTPUTS,
+    REJECTED,
+    WEBDATASET,
+    image_cell,
+)
+
+FORMATS = ("parquet", "webdataset")
+
+
+@dataclass
+class WriteConfig:
+    """What a build writes besides rejected/ and errors/ (always Parquet).
+
+    ``formats``: ``parquet`` (curated/ as Parquet, always written: train, eval and the
+    dataset card read it) and optionally ``webdataset`` (curated rows also as tar shards
+    under ``curated-wds/``, :mod:`capgap.transforms.wds_write`), whose shard count is
+    ``num_shards`` when set, else the curated rows / ``webdataset_samples_per_shard``.
+    """
+
+    formats: list[str] = field(default_factory=lambda: ["parquet"])
+    webdataset_samples_per_shard: int = 10_000
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.formats) - set(FORMATS))
+        if unknown:
+            raise ValueError(f"write.formats: unknown {unknown}; choose from {list(FORMATS)}")
+        if "parquet" not in self.formats:
+            raise ValueError("write.formats must include parquet (train and eval read it)")
+        if self.webdataset_samples_per_shard < 1:
+            raise ValueError("write.webdataset_samples_per_shard must be >= 1")
 
 
 def record_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
     """Rows -> one RecordBatch of ``schema``, built column by column.
 
     A column is the row's own key of that name, else the passthrough value in
-    ``row["columns"]`` (None when neither holds it).
+    ``row["columns"]`` (None when neither holds it); image bytes become
+    :data:`~capgap.transforms.schema.IMAGE_TYPE` cells.
     """
     arrays = []
     for name, tp in zip(schema.names, schema.types, strict=True):
         values = [
             row[name] if name in row else (row.get("columns") or {}).get(name) for row in rows
         ]
+        if tp == IMAGE_TYPE:
+            values = [image_cell(v) if isinstance(v, bytes) else v for v in values]
         arrays.append(pa.array(values, type=tp))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
@@ -139,33 +181,42 @@ class WriteParquet(beam.PTransform):
 
 
 def clear_outputs(output: str) -> list[str]:
-    """Delete a previous build under ``output``: the three folders (part files and any
-    ``beam-temp-*`` left by a killed run) and the manifest. Returns what went."""
+    """Delete a previous build under ``output``: the output folders (part files and any
+    ``beam-temp-*`` left by a killed run), the card and the manifest. Returns what went."""
     doomed = []
-    for name in OUTPUTS:
+    for name in (*OUTPUTS, WEBDATASET):
         folder = posixpath.join(output, name)
         if "://" not in folder:
             if os.path.isdir(folder):
                 doomed.append(folder)
         elif FileSystems.match([folder + "/**"])[0].metadata_list:
             doomed.append(folder + "/")
-    patterns = [posixpath.join(output, MANIFEST), posixpath.join(output, MANIFEST + ".tmp-*")]
+    patterns = [posixpath.join(output, name) for name in (MANIFEST, CARD)]
+    patterns += [posixpath.join(output, name + ".tmp-*") for name in (MANIFEST, CARD)]
     doomed += [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
     if doomed:
         FileSystems.delete(doomed)
     return doomed
 
 
-def write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write JSON through FileSystems; visible under its final name only when complete."""
+def write_text(path: str, text: str, mime_type: str = "text/plain") -> None:
+    """Write text through FileSystems; visible under its final name only when complete."""
     tmp = f"{path}.tmp-{int(time.time() * 1e6)}"
-    with FileSystems.create(tmp, mime_type="application/json") as fh:
-        fh.write(json.dumps(payload, indent=2, sort_keys=False, default=str).encode("utf-8"))
+    with FileSystems.create(tmp, mime_type=mime_type) as fh:
+        fh.write(text.encode("utf-8"))
     FileSystems.rename([tmp], [path])
 
 
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write JSON through FileSystems; visible under its final name only when complete."""
+    text = json.dumps(payload, indent=2, sort_keys=False, default=str)
+    write_text(path, text, mime_type="application/json")
+
+
 class WriteManifestFn(beam.DoFn):
-    """Runs once, after every sink finalised (their file lists are side inputs)."""
+    """Runs once, after every sink finalised (their file lists are side inputs): writes the
+    dataset card, then the manifest. ``webdataset``: (shard file, samples) of each tar
+    shard (empty when ``write.formats`` has no webdataset)."""
 
     def __init__(self, output: str, static: dict[str, Any], started: float, fingerprint_fn) -> None:
         self.output = output
@@ -174,9 +225,10 @@ class WriteManifestFn(beam.DoFn):
         self.fingerprint_fn = fingerprint_fn
 
     def process(
-        self, _unused, counts, curated_files, rejected_files, error_files, runtime
+        self, _unused, counts, curated_files, rejected_files, error_files, runtime, webdataset=()
     ) -> Iterator[str]:
         finished = time.time()
+        shards = sorted((relative(f, self.output), n) for f, n in webdataset)
         manifest = {
             "status": "complete",
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
@@ -187,12 +239,21 @@ class WriteManifestFn(beam.DoFn):
                 CURATED: sorted(relative(f, self.output) for f in curated_files),
                 REJECTED: sorted(relative(f, self.output) for f in rejected_files),
                 ERRORS: sorted(relative(f, self.output) for f in error_files),
+                "card": CARD,
             },
             **self.static,
             **runtime,
         }
+        if shards:
+            manifest["outputs"][WEBDATASET] = {
+                "shards": [name for name, _ in shards],
+                "samples": {name: n for name, n in shards},
+                "total_samples": sum(n for _, n in shards),
+            }
         if self.fingerprint_fn is not None:
             manifest["models"] = self.fingerprint_fn(manifest.get("models", {}))
+        card = dataset_card(manifest)
+        write_text(posixpath.join(self.output, CARD), card, mime_type="text/markdown")
         path = posixpath.join(self.output, MANIFEST)
         write_json(path, manifest)
         yield path
