@@ -94,7 +94,7 @@ def test_curated_clip_score_equals_transformers_forward(checkpoints, web_shard, 
     assert len(manifest["models"]["clip"]["sha256"]) == 64
     model = CLIPModel.from_pretrained(checkpoints["clip"]).eval()
     processor = AutoProcessor.from_pretrained(checkpoints["clip"])
-    images = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows]
+    images = [Image.open(io.BytesIO(r["image"]["bytes"])).convert("RGB") for r in rows]
     inputs = processor(
         text=[r["caption"] for r in rows], images=images, return_tensors="pt", padding=True
     )
