@@ -58,9 +58,11 @@ from capgap.core.config import (
     to_dict,
 )
 from capgap.models.clip_handler import ClipModelConfig, model_fingerprint
+from capgap.pipeline.incremental import commit_cache, input_shards, lineage, plan_cache
 from capgap.pipeline.runner_presets import preset_flags
 from capgap.transforms.accounting import CountOutcomes, counter_values, format_counters
 from capgap.transforms.bank import INDEX_NAMESPACE, EmbedBank, bank_summary
+from capgap.transforms.cache import new_build_id
 from capgap.transforms.captions import CaptionConfig
 from capgap.transforms.decide import RECAPTION, Decide, DecideConfig
 from capgap.transforms.decode import DecodeConfig, DecodeRecords
@@ -100,6 +102,17 @@ class CurateConfig:
     )
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (model.device)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a previous build"})
+    cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "prefix of the content-addressed cache of embeddings and captions "
+            "(auto: <output>-cache); off when not given"
+        },
+    )
+    previous: str | None = field(
+        default=None,
+        metadata={"help": "a previous build's output: the manifest records the input's changes"},
+    )
     num_shards: int = field(default=0, metadata={"help": "shards per output (0: runner decides)"})
     max_error_fraction: float = field(
         default=0.9,
@@ -197,21 +210,36 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     model_cfg = cfg.model_config()
     stage_cfg = recaption_stage_config(cfg.recaption) if cfg.recaption.enabled else None
     recaption_on = stage_cfg is not None
+    build_id = new_build_id()
+    # With --cache, model work is looked up by content (a keyed join, pipeline/incremental.py);
+    # without it the graph has no join and no extra shuffle.
+    cache = None
+    if cfg.cache:
+        cache = plan_cache(cfg.cache, cfg.output, build_id, model_cfg, cfg.decode, stage_cfg)
+    bank_model = dataclasses.replace(
+        model_cfg, metrics_namespace=f"{model_cfg.metrics_namespace}_bank"
+    )
+    bank_embed = cache.embed(bank_model, cfg.decode, "bank_embed") if cache else None
+    main_embed = cache.embed(model_cfg, cfg.decode, "embed") if cache else EmbedPairs(model_cfg)
 
     # Index and bank come from reads of their own (transforms/bank.py), so the main pass
     # below runs from read to write without holding rows at a barrier.
     refs = p | "ReadIndex" >> ReadRecords(plan, INDEX_NAMESPACE, index_only=True)
     first_refs = refs | "FirstRefs" >> FirstRefs()
-    bank = first_refs | "Bank" >> EmbedBank(plan, cfg.decode, cfg.caption, model_cfg, cfg.score)
+    bank = first_refs | "Bank" >> EmbedBank(
+        plan, cfg.decode, cfg.caption, model_cfg, cfg.score, bank_embed
+    )
     records = p | "Read" >> ReadRecords(plan)
     unique = records | "Dedup" >> DropDuplicateUids(first_refs)
     decoded = unique.ok | "Decode" >> DecodeRecords(cfg.decode, cfg.caption)
-    embedded = decoded.ok | "Embed" >> EmbedPairs(model_cfg)
+    embedded = decoded.ok | "Embed" >> main_embed
     scored = embedded["ok"] | "Score" >> ScorePairs(cfg.score, bank)
     decided = scored | "Decide" >> Decide(cfg.decide, recaption_stage=recaption_on)
 
+    recaption = None
     if recaption_on:
-        recaptioned = decided[RECAPTION] | "Recaption" >> Recaption(stage_cfg)
+        recaption = Recaption(stage_cfg, cache=cache.recaption() if cache else None)
+        recaptioned = decided[RECAPTION] | "Recaption" >> recaption
         curated = (decided["keep"], recaptioned) | "Curated" >> beam.Flatten()
     else:
         curated = decided["keep"]  # rows marked recaption included, status "disabled"
@@ -238,11 +266,25 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
         lambda thresholds, bank: {"thresholds": thresholds, "bank": bank_summary(bank)},
         bank=beam.pvalue.AsSingleton(bank),
     )
+    shards = input_shards(plan)
+    if cache is not None:
+        # Only the main pass writes embeddings: the bank's rows are all main-pass rows too.
+        bank_stages = {"entries": {}, "stages": bank_embed.cache_outputs["stages"]}
+        outputs = [main_embed.cache_outputs, bank_stages]
+        if recaption is not None:
+            outputs.append(recaption.cache_outputs)
+        record = {"output": cfg.output, "input_pattern": plan.pattern, "input_shards": shards}
+        summary = commit_cache(p, cache, outputs, record)
+        runtime = runtime | "WithCache" >> beam.Map(
+            lambda r, cache: {**r, "cache": cache}, cache=beam.pvalue.AsSingleton(summary)
+        )
     captioner = None
     if recaption_on:
         captioner = {"config": to_dict(stage_cfg.captioner), "gate": to_dict(stage_cfg.gate)}
     static = {
         "command": "capgap curate",
+        "build_id": build_id,
+        "lineage": lineage(build_id, plan, cfg.previous, cache, cfg.output),
         "input": {
             "pattern": plan.pattern,
             "format": plan.format,
@@ -250,6 +292,7 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
             "bytes": plan.total_bytes(),
             "fingerprint": plan.fingerprint(),
             "fingerprint_method": "sha256 over (relative path, size, mtime) of each shard",
+            "shards": shards,
             "columns": {
                 "image": plan.image_column,
                 "caption": plan.caption_column,
