@@ -16,6 +16,7 @@ from the cache must agree exactly, every column of every row.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import time
 from pathlib import Path
@@ -211,3 +212,38 @@ def test_uncommitted_entries_are_never_read(builds, tmp_path):
     again = build(builds["data"], tmp_path / "out", cache, "--direct_running_mode=multi_processing")
     assert misses(again, "embed") == 0
     assert not same(builds["root"] / "grown", tmp_path / "out")
+
+
+def _fake_build(cache, build_id: str, finished: str, spaces: dict[str, int]) -> None:
+    """A committed build by hand: ``spaces`` {kind/fingerprint: entries}."""
+    from capgap.transforms.cache import SCHEMAS
+
+    record = {"build_id": build_id, "finished_at": finished, "spaces": {}}
+    for name, n in spaces.items():
+        kind = name.split("/")[0]
+        rel = f"{name}/{build_id}/part-00000-of-00001.parquet"
+        (cache / rel).parent.mkdir(parents=True)
+        rows = [{"key": f"{build_id}-{i}", "text": "a", "source": "m@1"} for i in range(n)]
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[kind]), cache / rel)
+        record["spaces"][name] = {"settings": {"captioner": {"fingerprint": name}}, "files": [rel]}
+    (cache / "commits").mkdir(exist_ok=True)
+    (cache / "commits" / f"{build_id}.json").write_text(json.dumps(record))
+
+
+def test_prune_drops_spaces_the_latest_builds_no_longer_use(tmp_path):
+    cache = tmp_path / "cache"
+    _fake_build(cache, "20260101T000000Z-aaaaaaaa", "2026-01-01T00:00:00Z", {"captions/old": 3})
+    _fake_build(cache, "20260102T000000Z-bbbbbbbb", "2026-01-02T00:00:00Z", {"captions/new": 2})
+    before = cache_cmd.stats(str(cache))
+    assert {k: v["entries"] for k, v in before["spaces"].items()} == {
+        "captions/old": 3,
+        "captions/new": 2,
+    }
+    dry = cache_cmd.prune(str(cache), keep_latest=1, dry_run=True)
+    assert dry["dropped_spaces"] == ["captions/old"] and (cache / "captions" / "old").exists()
+    assert cache_cmd.main(["prune", str(cache), "--keep-latest", "1"]) == 0
+    after = cache_cmd.stats(str(cache))
+    assert list(after["spaces"]) == ["captions/new"] and after["uncommitted"]["files"] == 0
+    assert not (cache / "captions" / "old").exists()
+    old = json.loads((cache / "commits" / "20260101T000000Z-aaaaaaaa.json").read_text())
+    assert old["spaces"] == {}
