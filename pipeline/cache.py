@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from capgap.transforms.cache import KINDS, commit_folder, read_commits, relative
+from capgap.transforms.cache import KINDS, read_commits, relative
 from capgap.transforms.write import write_json
 
 
@@ -226,7 +226,9 @@ def _print_stats(report: dict[str, Any]) -> None:
         print(("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))).rstrip())
     totals, stray = report["totals"], report["uncommitted"]
     print(f"total: {totals['entries']} entries, {totals['bytes']} bytes")
-    print(f"uncommitted (killed builds, never read): {stray['files']} files, {stray['bytes']} bytes")
+    print(
+        f"uncommitted (killed builds, never read): {stray['files']} files, {stray['bytes']} bytes"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,10 @@ Data flow (see docs in README / DESIGN.md)::
     recaption (transforms/recaption.py, if recaption.enabled)  -> dense caption
     write curated/ rejected/ errors/ Parquet, then manifest.json
 
+Scheduled builds: ``--cache PREFIX`` reuses embeddings, dense captions and gate scores of
+earlier builds by content; ``--previous OUT`` names the build to compare the input with
+(pipeline/incremental.py, ``capgap cache stats|prune``).
+
 Settings: a ``CurateConfig`` (defaults <- ``--config`` YAML, default the packaged
 ``curate`` preset <- ``--set key=value`` and the top-level flags below). Beam
 options (``--runner``, ``--direct_num_workers``, ...) pass through; a runner preset
@@ -102,17 +106,8 @@ class CurateConfig:
     )
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (model.device)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a previous build"})
-    cache: str | None = field(
-        default=None,
-        metadata={
-            "help": "prefix of the content-addressed cache of embeddings and captions "
-            "(auto: <output>-cache); off when not given"
-        },
-    )
-    previous: str | None = field(
-        default=None,
-        metadata={"help": "a previous build's output: the manifest records the input's changes"},
-    )
+    cache: str | None = field(default=None, metadata={"help": "model-work cache prefix | auto"})
+    previous: str | None = field(default=None, metadata={"help": "previous build's output"})
     num_shards: int = field(default=0, metadata={"help": "shards per output (0: runner decides)"})
     max_error_fraction: float = field(
         default=0.9,
@@ -211,16 +206,11 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     stage_cfg = recaption_stage_config(cfg.recaption) if cfg.recaption.enabled else None
     recaption_on = stage_cfg is not None
     build_id = new_build_id()
-    # With --cache, model work is looked up by content (a keyed join, pipeline/incremental.py);
-    # without it the graph has no join and no extra shuffle.
-    cache = None
-    if cfg.cache:
-        cache = plan_cache(cfg.cache, cfg.output, build_id, model_cfg, cfg.decode, stage_cfg)
-    bank_model = dataclasses.replace(
-        model_cfg, metrics_namespace=f"{model_cfg.metrics_namespace}_bank"
-    )
-    bank_embed = cache.embed(bank_model, cfg.decode, "bank_embed") if cache else None
-    main_embed = cache.embed(model_cfg, cfg.decode, "embed") if cache else EmbedPairs(model_cfg)
+    # --cache: model work looked up by content, a keyed join (pipeline/incremental.py); without
+    # it the graph has no join. The bank pass writes no entries (its rows are main-pass rows).
+    cache = plan_cache(cfg, build_id, model_cfg, stage_cfg) if cfg.cache else None
+    bank_embed = cache.embed(cache.bank_model(model_cfg), "bank_embed", False) if cache else None
+    main_embed = cache.embed(model_cfg, "embed") if cache else EmbedPairs(model_cfg)
 
     # Index and bank come from reads of their own (transforms/bank.py), so the main pass
     # below runs from read to write without holding rows at a barrier.
@@ -266,15 +256,8 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
         lambda thresholds, bank: {"thresholds": thresholds, "bank": bank_summary(bank)},
         bank=beam.pvalue.AsSingleton(bank),
     )
-    shards = input_shards(plan)
-    if cache is not None:
-        # Only the main pass writes embeddings: the bank's rows are all main-pass rows too.
-        bank_stages = {"entries": {}, "stages": bank_embed.cache_outputs["stages"]}
-        outputs = [main_embed.cache_outputs, bank_stages]
-        if recaption is not None:
-            outputs.append(recaption.cache_outputs)
-        record = {"output": cfg.output, "input_pattern": plan.pattern, "input_shards": shards}
-        summary = commit_cache(p, cache, outputs, record)
+    if cache is not None:  # new entries, then the commit record, then the manifest
+        summary = commit_cache(p, cache, [main_embed, bank_embed, recaption], cfg.output, plan)
         runtime = runtime | "WithCache" >> beam.Map(
             lambda r, cache: {**r, "cache": cache}, cache=beam.pvalue.AsSingleton(summary)
         )
@@ -292,7 +275,7 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
             "bytes": plan.total_bytes(),
             "fingerprint": plan.fingerprint(),
             "fingerprint_method": "sha256 over (relative path, size, mtime) of each shard",
-            "shards": shards,
+            "shards": input_shards(plan),
             "columns": {
                 "image": plan.image_column,
                 "caption": plan.caption_column,

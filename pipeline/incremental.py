@@ -9,12 +9,13 @@ build's (``--previous OUT``, else the cache's latest commit record for the same 
 new / unchanged / changed / removed shards, by (relative path, size, mtime)
 (:func:`lineage`).
 
-    cache = plan_cache(cfg.cache, cfg.output, build_id, model_cfg, cfg.decode, stage_cfg)
+    cache = plan_cache(cfg, build_id, model_cfg, stage_cfg)
     manifest["lineage"] = lineage(build_id, plan, cfg.previous, cache, cfg.output)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 from dataclasses import dataclass, field
@@ -54,13 +55,21 @@ class CachePlan:
     prefix: str
     build_id: str
     commits: list[dict[str, Any]]
+    decode: Any  # DecodeConfig: a miss decodes its pixels again
     spaces: dict[str, Space] = field(default_factory=dict)
 
     def files(self, stage: str) -> list[str]:
         return committed_files(self.commits, self.spaces[stage], self.prefix)
 
-    def embed(self, model: Any, decode: Any, stage: str) -> CachedEmbed:
-        return CachedEmbed(model, decode, self.spaces["embed"], self.files("embed"), stage)
+    def embed(self, model: Any, stage: str, write: bool = True) -> CachedEmbed:
+        return CachedEmbed(
+            model, self.decode, self.spaces["embed"], self.files("embed"), stage, write=write
+        )
+
+    @staticmethod
+    def bank_model(model: Any) -> Any:
+        """The bank pass's model config: its RunInference counters apart (as EmbedBank's)."""
+        return dataclasses.replace(model, metrics_namespace=f"{model.metrics_namespace}_bank")
 
     def recaption(self) -> RecaptionCache | None:
         if "caption" not in self.spaces:
@@ -74,31 +83,36 @@ class CachePlan:
         )
 
 
-def plan_cache(
-    cache: str, output: str, build_id: str, model: Any, decode: Any, stage: Any | None
-) -> CachePlan:
-    """Spaces for the CLIP model (and the captioner and gate when recaptioning runs) and the
-    commit records under the prefix."""
-    prefix = cache_prefix(cache, output)
-    spaces = {"embed": embed_space(model, decode)}
+def plan_cache(cfg: Any, build_id: str, model: Any, stage: Any | None) -> CachePlan:
+    """For a CurateConfig ``cfg`` with ``cache`` set: spaces for the CLIP ``model`` (and the
+    captioner and gate when the recaption ``stage`` runs) and the commit records found."""
+    prefix = cache_prefix(cfg.cache, cfg.output)
+    spaces = {"embed": embed_space(model, cfg.decode)}
     if stage is not None:
         spaces["caption"] = captioner_space(stage.captioner)
         if stage.gate.enabled:
             spaces["gate"] = gate_space(stage.gate.clip_run, stage.gate.device)
-    return CachePlan(prefix, build_id, read_commits(prefix), spaces)
+    return CachePlan(prefix, build_id, read_commits(prefix), cfg.decode, spaces)
 
 
 def commit_cache(
-    p: beam.Pipeline, plan: CachePlan, outputs: list[dict[str, Any]], record: dict[str, Any]
+    p: beam.Pipeline, plan: CachePlan, stages_used: list[Any], output: str, inputs: InputPlan
 ):
     """Write each stage's new entries and then the commit record; returns a one-element
-    PCollection: what the manifest records of the cache. ``outputs``: the ``cache_outputs``
-    of the cached transforms (``entries`` by stage, ``stages``: hit / miss PCollections)."""
+    PCollection: what the manifest records of the cache. ``stages_used``: the cached
+    transforms, applied (their ``cache_outputs``: ``entries`` by space, ``stages``: hit /
+    miss PCollections); None entries are skipped."""
     entries: dict[str, Any] = {}
     stages: dict[str, Any] = {}
-    for out in outputs:
-        entries.update(out["entries"])
-        stages.update(out["stages"])
+    for transform in stages_used:
+        if transform is not None:
+            entries.update(transform.cache_outputs["entries"])
+            stages.update(transform.cache_outputs["stages"])
+    record = {
+        "output": output,
+        "input_pattern": inputs.pattern,
+        "input_shards": input_shards(inputs),
+    }
     counts = stages | "CacheCounts" >> _CountStages()
     written = {
         name: pcoll

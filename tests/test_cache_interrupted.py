@@ -62,7 +62,13 @@ def interrupted(tmp_path_factory):
     reference = curate.run(_argv(pattern, root / "reference", root / "reference-cache"))
 
     cache, output = root / "cache", root / "output"
-    command = [sys.executable, "-m", "capgap.pipeline.cli", "curate", *_argv(pattern, output, cache)]
+    command = [
+        sys.executable,
+        "-m",
+        "capgap.pipeline.cli",
+        "curate",
+        *_argv(pattern, output, cache),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
     with open(root / "killed.log", "wb") as log:

@@ -137,9 +137,10 @@ def test_new_captioner_settings_recompute_captions_not_embeddings(runs):
     assert changed["embed"] == {"hit": N, "miss": 0}
     assert changed["caption"] == {"hit": 0, "miss": recaptioned}
     spaces = runs["captioner"]["cache"]["spaces"]
-    assert spaces["caption"]["fingerprint"] != runs["first"]["cache"]["spaces"]["caption"][
-        "fingerprint"
-    ]
+    assert (
+        spaces["caption"]["fingerprint"]
+        != runs["first"]["cache"]["spaces"]["caption"]["fingerprint"]
+    )
     assert spaces["embed"] == runs["first"]["cache"]["spaces"]["embed"]
 
 

@@ -122,7 +122,9 @@ def test_a_build_where_every_row_fails_exits_non_zero(pattern, tmp_path, capsys)
 def test_portable_runner_reads_the_cache_a_direct_build_wrote(pattern, tmp_path):
     """Scheduled builds (``--cache``): the keyed join and the commit on the PortableRunner."""
     cache = str(tmp_path / "cache")
-    direct = build(pattern, tmp_path / "direct", "--direct_running_mode=in_memory", "--cache", cache)
+    direct = build(
+        pattern, tmp_path / "direct", "--direct_running_mode=in_memory", "--cache", cache
+    )
     portable = build(pattern, tmp_path / "portable", "--runner_preset=portable", "--cache", cache)
     embedded = direct["cache"]["stages"]["embed"]["miss"]
     assert embedded == 30 and direct["cache"]["stages"]["embed"]["hit"] == 0

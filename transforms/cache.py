@@ -368,19 +368,21 @@ def _embedding_entry(element: tuple[str, dict], space: str) -> dict[str, Any]:
 class CachedEmbed(beam.PTransform):
     """:class:`~capgap.transforms.embed.EmbedPairs` that takes embeddings from the cache where
     it has them: (uid, pair) -> {"ok", "errors"} as EmbedPairs returns, and after expansion
-    ``cache_outputs``: the new entries and the hit / miss PCollections of ``stage``."""
+    ``cache_outputs``: the new entries (unless ``write`` is off) and the hit / miss
+    PCollections of ``stage``."""
 
     def __init__(
-        self, model: Any, decode: Any, space: Space, files: list[str], stage: str = "embed"
+        self,
+        model: Any,
+        decode: Any,
+        space: Space,
+        files: list[str],
+        stage: str = "embed",
+        write: bool = True,
     ) -> None:
         super().__init__()
-        self.model, self.decode, self.space, self.files, self.stage = (
-            model,
-            decode,
-            space,
-            files,
-            stage,
-        )
+        self.model, self.decode, self.space, self.files = model, decode, space, files
+        self.stage, self.write = stage, write
         self.cache_outputs: dict[str, Any] = {}
 
     def expand(self, pairs):
@@ -394,8 +396,11 @@ class CachedEmbed(beam.PTransform):
         misses = split[MISS] | "Redecode" >> beam.Map(_redecode, self.decode)
         fresh = misses | "Embed" >> EmbedPairs(self.model)
         ok = (hits, fresh["ok"]) | "Embedded" >> beam.Flatten()
+        entries = {}
+        if self.write:
+            entries["embed"] = fresh["ok"] | "Entries" >> beam.Map(_embedding_entry, fp)
         self.cache_outputs = {
-            "entries": {"embed": fresh["ok"] | "Entries" >> beam.Map(_embedding_entry, fp)},
+            "entries": entries,
             "stages": {f"{self.stage}.{HIT}": split[HIT], f"{self.stage}.{MISS}": split[MISS]},
         }
         return {"ok": ok, ERRORS: fresh[ERRORS]}
