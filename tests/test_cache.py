@@ -247,3 +247,8 @@ def test_prune_drops_spaces_the_latest_builds_no_longer_use(tmp_path):
     assert not (cache / "captions" / "old").exists()
     old = json.loads((cache / "commits" / "20260101T000000Z-aaaaaaaa.json").read_text())
     assert old["spaces"] == {}
+
+
+def test_cache_auto_sits_next_to_the_output():
+    assert incremental.cache_prefix("auto", "gs://b/curated/daily/") == "gs://b/curated/daily-cache"
+    assert incremental.cache_prefix("gs://b/cache/", "gs://b/out") == "gs://b/cache"

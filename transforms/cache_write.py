@@ -98,7 +98,7 @@ class CommitFn(beam.DoFn):
                 "stage": name,
                 "settings": space.settings,
                 "files": sorted(by_space[name]),
-                "entries": stages.get(name, {}).get(MISS, 0),
+                "computed": stages.get(name, {}).get(MISS, 0),
             }
         finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record = {
