@@ -22,6 +22,7 @@ from capgap.core.console import quiet_third_party_output
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("synth", "write the synthetic world's seed / web / test splits as Parquet"),
     "curate": ("curate", "Beam pipeline: score, drop, recaption and write curated shards"),
+    "cache": ("cache", "a curate cache: stats per model, prune unused or old entries"),
     "train": ("train", "train or fine-tune a CLIP model on Parquet shards"),
     "eval": ("evaluate", "measure gap, retrieval, zero-shot and robustness of a checkpoint"),
     "report": ("report", "compare runs side by side: Markdown table + PNG plots"),

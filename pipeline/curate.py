@@ -12,6 +12,10 @@ Data flow (see docs in README / DESIGN.md)::
     recaption (transforms/recaption.py, if recaption.enabled)  -> dense caption
     write curated/ rejected/ errors/ Parquet (+ curated-wds/ tars), README.md card, manifest.json
 
+Scheduled builds: ``--cache PREFIX`` reuses embeddings, dense captions and gate scores of
+earlier builds by content; ``--previous OUT`` names the build to compare the input with
+(pipeline/incremental.py, ``capgap cache stats|prune``).
+
 Settings: a ``CurateConfig`` (defaults <- ``--config`` YAML, default the packaged
 ``curate`` preset <- ``--set key=value`` and the top-level flags below). Beam
 options (``--runner``, ``--direct_num_workers``, ...) pass through; a runner preset
@@ -58,9 +62,11 @@ from capgap.core.config import (
     to_dict,
 )
 from capgap.models.clip_handler import ClipModelConfig, model_fingerprint
+from capgap.pipeline.incremental import commit_cache, input_shards, lineage, plan_cache
 from capgap.pipeline.runner_presets import preset_flags
 from capgap.transforms.accounting import CountOutcomes, counter_values, format_counters
 from capgap.transforms.bank import INDEX_NAMESPACE, EmbedBank, bank_summary
+from capgap.transforms.cache import new_build_id
 from capgap.transforms.captions import CaptionConfig
 from capgap.transforms.decide import RECAPTION, Decide, DecideConfig
 from capgap.transforms.decode import DecodeConfig, DecodeRecords
@@ -102,6 +108,8 @@ class CurateConfig:
     )
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (model.device)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a previous build"})
+    cache: str | None = field(default=None, metadata={"help": "model-work cache prefix | auto"})
+    previous: str | None = field(default=None, metadata={"help": "previous build's output"})
     num_shards: int = field(default=0, metadata={"help": "shards per output (0: runner decides)"})
     max_error_fraction: float = field(
         default=0.9,
@@ -200,21 +208,31 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     model_cfg = cfg.model_config()
     stage_cfg = recaption_stage_config(cfg.recaption) if cfg.recaption.enabled else None
     recaption_on = stage_cfg is not None
+    build_id = new_build_id()
+    # --cache: model work looked up by content, a keyed join (pipeline/incremental.py); without
+    # it the graph has no join. The bank pass writes no entries (its rows are main-pass rows).
+    cache = plan_cache(cfg, build_id, model_cfg, stage_cfg) if cfg.cache else None
+    bank_embed = cache.embed(cache.bank_model(model_cfg), "bank_embed", False) if cache else None
+    main_embed = cache.embed(model_cfg, "embed") if cache else EmbedPairs(model_cfg)
 
     # Index and bank come from reads of their own (transforms/bank.py), so the main pass
     # below runs from read to write without holding rows at a barrier.
     refs = p | "ReadIndex" >> ReadRecords(plan, INDEX_NAMESPACE, index_only=True)
     first_refs = refs | "FirstRefs" >> FirstRefs()
-    bank = first_refs | "Bank" >> EmbedBank(plan, cfg.decode, cfg.caption, model_cfg, cfg.score)
+    bank = first_refs | "Bank" >> EmbedBank(
+        plan, cfg.decode, cfg.caption, model_cfg, cfg.score, bank_embed
+    )
     records = p | "Read" >> ReadRecords(plan)
     unique = records | "Dedup" >> DropDuplicateUids(first_refs)
     decoded = unique.ok | "Decode" >> DecodeRecords(cfg.decode, cfg.caption)
-    embedded = decoded.ok | "Embed" >> EmbedPairs(model_cfg)
+    embedded = decoded.ok | "Embed" >> main_embed
     scored = embedded["ok"] | "Score" >> ScorePairs(cfg.score, bank)
     decided = scored | "Decide" >> Decide(cfg.decide, recaption_stage=recaption_on)
 
+    recaption = None
     if recaption_on:
-        recaptioned = decided[RECAPTION] | "Recaption" >> Recaption(stage_cfg)
+        recaption = Recaption(stage_cfg, cache=cache.recaption() if cache else None)
+        recaptioned = decided[RECAPTION] | "Recaption" >> recaption
         curated = (decided["keep"], recaptioned) | "Curated" >> beam.Flatten()
     else:
         curated = decided["keep"]  # rows marked recaption included, status "disabled"
@@ -248,11 +266,18 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
         lambda thresholds, bank: {"thresholds": thresholds, "bank": bank_summary(bank)},
         bank=beam.pvalue.AsSingleton(bank),
     )
+    if cache is not None:  # new entries, then the commit record, then the manifest
+        summary = commit_cache(p, cache, [main_embed, bank_embed, recaption], cfg.output, plan)
+        runtime = runtime | "WithCache" >> beam.Map(
+            lambda r, cache: {**r, "cache": cache}, cache=beam.pvalue.AsSingleton(summary)
+        )
     captioner = None
     if recaption_on:
         captioner = {"config": to_dict(stage_cfg.captioner), "gate": to_dict(stage_cfg.gate)}
     static = {
         "command": "capgap curate",
+        "build_id": build_id,
+        "lineage": lineage(build_id, plan, cfg.previous, cache, cfg.output),
         "input": {
             "pattern": plan.pattern,
             "format": plan.format,
@@ -262,6 +287,7 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
             "fingerprint_method": "sha256 over (relative path, size, mtime) of each input file "
             "(HF: every file of the folder; webdataset: the img2dataset metadata Parquets too)",
             **input_layout(plan),
+            "shards": input_shards(plan),
             "columns": {
                 "image": plan.image_column,
                 "caption": plan.caption_column,

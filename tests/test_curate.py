@@ -204,8 +204,9 @@ def test_recaption_stage_is_wired_behind_the_switch(mixed_input, tmp_path, monke
     seen = []
 
     class FakeRecaption(beam.PTransform):
-        def __init__(self, config, label=None):
+        def __init__(self, config, label=None, cache=None):
             super().__init__(label)
+            assert cache is None  # no --cache: no lookups
             seen.append(config)
 
         def expand(self, rows):

@@ -157,6 +157,8 @@ SAMPLES = {
     ),
     "device": ("cuda", lambda cfg: cfg.model_config().device == "cuda"),
     "num_shards": ("4", lambda cfg: cfg.num_shards == 4),
+    "cache": ("gs://b/cache", lambda cfg: cfg.cache == "gs://b/cache"),
+    "previous": ("gs://b/curated/prev", lambda cfg: cfg.previous == "gs://b/curated/prev"),
     "config": (None, lambda cfg: cfg.decide.drop.value == 0.125),  # a YAML, made below
     "set": ("decide.drop.value=0.3", lambda cfg: cfg.decide.drop.value == 0.3),
 }

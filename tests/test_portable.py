@@ -117,3 +117,21 @@ def test_a_build_where_every_row_fails_exits_non_zero(pattern, tmp_path, capsys)
     # a threshold of 1 never fails the build
     argv += ["--overwrite", "--set=max_error_fraction=1.0"]
     assert curate.main(argv) == 0
+
+
+def test_portable_runner_reads_the_cache_a_direct_build_wrote(pattern, tmp_path):
+    """Scheduled builds (``--cache``): the keyed join and the commit on the PortableRunner."""
+    cache = str(tmp_path / "cache")
+    direct = build(
+        pattern, tmp_path / "direct", "--direct_running_mode=in_memory", "--cache", cache
+    )
+    portable = build(pattern, tmp_path / "portable", "--runner_preset=portable", "--cache", cache)
+    embedded = direct["cache"]["stages"]["embed"]["miss"]
+    assert embedded == 30 and direct["cache"]["stages"]["embed"]["hit"] == 0
+    assert portable["cache"]["stages"]["embed"] == {"hit": embedded, "miss": 0}
+    assert portable["metrics"]["cache.embed.hit"] == embedded
+    assert portable["counts"] == direct["counts"]
+    a = cluster_check.rows_of(tmp_path / "direct")
+    b = cluster_check.rows_of(tmp_path / "portable")
+    for name in OUTPUTS:
+        assert cluster_check.same_rows(a[name], b[name]), name

@@ -90,10 +90,12 @@ class EmbedBank(beam.PTransform):
         caption: CaptionConfig,
         model: ClipModelConfig,
         score: ScoreConfig,
+        embed: beam.PTransform | None = None,
     ) -> None:
         super().__init__()
         self.plan, self.decode, self.caption = plan, decode, caption
         self.model, self.score = model, score
+        self.embed = embed  # replaces EmbedPairs(model), e.g. a cached embedding stage
 
     def expand(self, first_refs):
         candidates = first_refs | "Candidates" >> BankCandidates(self.score)
@@ -104,7 +106,7 @@ class EmbedBank(beam.PTransform):
             self.plan, BANK_NAMESPACE, select=candidates
         )
         decoded = picked | "Decode" >> DecodeRecords(self.decode, self.caption, BANK_NAMESPACE)
-        embedded = decoded.ok | "Embed" >> EmbedPairs(model)
+        embedded = decoded.ok | "Embed" >> (self.embed or EmbedPairs(model))
         return embedded["ok"] | "Sample" >> SampleBank(self.score)
 
 

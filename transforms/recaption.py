@@ -42,7 +42,21 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 
 from capgap.models.captioner import CaptionerConfig
-from capgap.models.recaption_handler import CaptionGateModelHandler, RecaptionModelHandler
+from capgap.models.recaption_handler import (
+    CaptionGateModelHandler,
+    GateScores,
+    RecaptionModelHandler,
+)
+from capgap.transforms.cache import (
+    CAPTIONS,
+    GATE,
+    HIT,
+    MISS,
+    LookUp,
+    Space,
+    caption_key,
+    gate_key,
+)
 
 ORIGINAL_COLUMN = "original_caption"
 SOURCE_COLUMN = "caption_source"
@@ -182,12 +196,67 @@ def _infer(pcoll, label: str, handler, on_error: str):
     return main, dlq.failed_inferences | f"{label}Failed" >> beam.FlatMap(_failed_batch)
 
 
-class Recaption(beam.PTransform):
-    """Row dicts in, recaptioned row dicts out (see the module docstring for the columns)."""
+@dataclass
+class RecaptionCache:
+    """Where ``capgap curate --cache`` keeps captions and gate scores (transforms/cache.py):
+    the spaces and their committed part files."""
 
-    def __init__(self, config: RecaptionConfig, label: str | None = None) -> None:
+    captions: Space
+    caption_files: list[str]
+    gate: Space | None = None
+    gate_files: list[str] = field(default_factory=list)
+
+
+def _caption_hit(element):
+    _, (uid, row), (text, source) = element
+    return uid, (row, text, source)
+
+
+def _gate_hit(element):
+    _, (uid, (row, text, source)), (new, original) = element
+    return uid, (row, text, source, GateScores(new, original), None)
+
+
+def _caption_entry(element, space: str, uses_caption: bool) -> dict:
+    _, (row, text, source) = element
+    return {"key": caption_key(row, space, uses_caption), "text": text or "", "source": source}
+
+
+def _gate_entry(element, space: str) -> dict:
+    _, (row, text, _source, scores, _error) = element
+    return {
+        "key": gate_key(row, text, space),
+        "new": float(scores.new),
+        "original": float(scores.original),
+    }
+
+
+class Recaption(beam.PTransform):
+    """Row dicts in, recaptioned row dicts out (see the module docstring for the columns).
+
+    With ``cache`` (a :class:`RecaptionCache`), captions and gate scores come from the cache
+    where it has them; after expansion ``cache_outputs`` holds the new entries and the hit /
+    miss PCollections (``caption.hit``, ``gate.miss``, ...)."""
+
+    def __init__(
+        self, config: RecaptionConfig, label: str | None = None, cache: RecaptionCache | None = None
+    ) -> None:
         super().__init__(label)
         self.config = config
+        self.cache = cache
+        self.cache_outputs: dict = {"entries": {}, "stages": {}}
+
+    def _look_up(self, keyed, name: str, kind: str, space: Space, files: list[str], key_fn):
+        split = (
+            keyed
+            | f"{name}Key" >> beam.Map(lambda kv: (key_fn(kv), kv))
+            | f"{name}LookUp" >> LookUp(files, kind, name.lower())
+        )
+        stage = name.lower()
+        self.cache_outputs["stages"].update(
+            {f"{stage}.{HIT}": split[HIT], f"{stage}.{MISS}": split[MISS]}
+        )
+        return split[HIT], split[MISS] | f"{name}Misses" >> beam.Map(lambda e: e[1])
 
     def expand(self, rows):
         cfg = self.config
@@ -198,10 +267,37 @@ class Recaption(beam.PTransform):
             max_batch_duration_secs=cfg.max_batch_duration_secs,
             share_model_across_processes=cfg.share_model_across_processes,
         )
+        cache = self.cache
         keyed = rows | "KeyByUid" >> beam.Map(lambda row: (row["uid"], row))
+        if cache is not None:
+            space, quoted = cache.captions.fingerprint, "{caption}" in cfg.captioner.prompt
+            hits, keyed = self._look_up(
+                keyed,
+                "Caption",
+                CAPTIONS,
+                cache.captions,
+                cache.caption_files,
+                lambda kv: caption_key(kv[1], space, quoted),
+            )
         results, failed = _infer(keyed, "Caption", handler, cfg.on_error)
         captioned = results | "UnpackCaption" >> beam.Map(_unpack_caption)
+        if cache is not None:
+            self.cache_outputs["entries"]["caption"] = captioned | "CaptionEntries" >> beam.Map(
+                _caption_entry, space, quoted
+            )
+            cached = hits | "CaptionFromCache" >> beam.Map(_caption_hit)
+            captioned = (captioned, cached) | "Captioned" >> beam.Flatten()
         failures = [] if failed is None else [failed]
+        if cfg.gate.enabled and cache is not None and cache.gate is not None:
+            gate_fp = cache.gate.fingerprint
+            gate_hits, captioned = self._look_up(
+                captioned,
+                "Gate",
+                GATE,
+                cache.gate,
+                cache.gate_files,
+                lambda kv: gate_key(kv[1][0], kv[1][1], gate_fp),
+            )
         if cfg.gate.enabled:
             gate = CaptionGateModelHandler(
                 cfg.gate.clip_run,
@@ -212,6 +308,12 @@ class Recaption(beam.PTransform):
             gated, gate_failed = _infer(captioned, "Gate", gate, cfg.on_error)
             scored = gated | "UnpackGate" >> beam.Map(_unpack_gate)
             failures += [] if gate_failed is None else [gate_failed]
+            if cache is not None and cache.gate is not None:
+                self.cache_outputs["entries"]["gate"] = scored | "GateEntries" >> beam.Map(
+                    _gate_entry, gate_fp
+                )
+                cached = gate_hits | "GateFromCache" >> beam.Map(_gate_hit)
+                scored = (scored, cached) | "Gated" >> beam.Flatten()
         else:
             scored = captioned | "NoGate" >> beam.Map(lambda kv: (kv[0], (*kv[1], None, None)))
         if failures:
