@@ -21,6 +21,7 @@ Captions are normalised by :mod:`capgap.transforms.captions`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
@@ -165,6 +166,31 @@ def exif_orientation(im: Image.Image) -> int:
     return int(im.getexif().get(0x0112, 1) or 1)
 
 
+_BOMB_FILTER = ("error", None, Image.DecompressionBombWarning, None, 0)
+
+
+def raise_bomb_warnings() -> None:
+    """Make PIL's DecompressionBombWarning an error in this process (a worker's setup)."""
+    if not warnings.filters or warnings.filters[0] != _BOMB_FILTER:
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+@contextlib.contextmanager
+def _bomb_warnings_caught() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def bomb_warnings_as_errors() -> contextlib.AbstractContextManager:
+    """A context in which DecompressionBombWarning raises. Entering ``catch_warnings`` and
+    changing the filters costs ~60 us an image (it also resets the warnings caches), so
+    while :func:`raise_bomb_warnings` has made it the first filter this is a no-op."""
+    if warnings.filters and warnings.filters[0] == _BOMB_FILTER:
+        return contextlib.nullcontext()
+    return _bomb_warnings_caught()
+
+
 def draft_jpeg(im: Image.Image, cfg: DecodeConfig) -> tuple[int, int] | None:
     """Before ``load()``: ask libjpeg for a 1/2, 1/4 or 1/8 scale decode whose shorter side
     is still >= ``cfg.model_max_side``; returns the full (width, height) when it did.
@@ -205,8 +231,7 @@ def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
             Reason.IMAGE_BYTES_TOO_LARGE, f"image has {len(data)} bytes > {cfg.max_bytes}"
         )
     notes: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with bomb_warnings_as_errors():
         try:
             im = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -393,6 +418,7 @@ class DecodeFn(beam.DoFn):
         # lift its bound in this worker if the configured one is higher.
         if Image.MAX_IMAGE_PIXELS is not None and self.decode.max_pixels > Image.MAX_IMAGE_PIXELS:
             Image.MAX_IMAGE_PIXELS = self.decode.max_pixels
+        raise_bomb_warnings()
         self.ok = Metrics.counter(self.namespace, "decoded")
 
     def process(self, element: tuple[str, dict]) -> Iterator[Any]:
