@@ -34,6 +34,17 @@ _GPU_MACHINE_LIST = """
     typing-extensions typing-inspect urllib3 wheel wrapt xxhash yarl zipp
 """
 GPU_MACHINE = frozenset(canonicalize_name(name) for name in _GPU_MACHINE_LIST.split())
+# The versions KINDS.md's pip list gives for some of them (2026-11): a requirement these do
+# not meet is printed as a warning (``--no-deps`` installs anyway; it may still run).
+GPU_VERSIONS = {
+    "numpy": "2.5.2",
+    "torch": "2.11.0",
+    "torchvision": "0.26.0",
+    "transformers": "5.17.0",
+    "tokenizers": "0.23.2",
+    "safetensors": "0.8.0",
+    "huggingface-hub": "1.33.0",
+}
 
 
 def environment() -> dict[str, str]:
@@ -77,6 +88,12 @@ def check(folder: Path) -> list[str]:
                     problems.append(f"{wheel.name}: needs {req}, the folder has {version}")
             elif name not in GPU_MACHINE:
                 problems.append(f"{wheel.name}: needs {req}, neither a wheel here nor there")
+            elif name in GPU_VERSIONS and not req.specifier.contains(
+                GPU_VERSIONS[name], prereleases=True
+            ):
+                print(
+                    f"WARNING: {wheel.name} asks for {req}; the GPU machine has {GPU_VERSIONS[name]}"
+                )
     size = sum(w.stat().st_size for w in wheels) / 2**20
     print(f"{len(wheels)} wheels, {size:.1f} MiB (limit {LIMIT_MIB:.0f} MiB):")
     for wheel in wheels:
