@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 ["--n", "8", "--scale", "2", "--distinct", "4", "--mp", "1,4"]
                 + ["--reps", "1", "--bank", "4", "--batch", "8"]
                 if dry
-                else ["--n", "48", "--scale", "3", "--distinct", "10", "--reps", "1"]
-                + ["--bank", "32", "--batch", "48"]
+                else ["--n", "32", "--scale", "3", "--distinct", "10", "--reps", "1"]
+                + ["--bank", "16", "--batch", "32"]
             ),
         ),
     )
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         section(
             "recaption",
-            lambda: recaption(root / "r", device, dry, 64 if dry else 2048, 32 if dry else 256),
+            lambda: recaption(root / "r", device, dry, 64 if dry else 1024, 32 if dry else 256),
         )
         section(
             "train",
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 root / "t",
                 model,
                 device,
-                512 if dry else 8192,
+                512 if dry else 4096,
                 128 if dry else 256,
                 0 if dry else min(8, workers),
             ),
