@@ -297,6 +297,7 @@ def embed_space(model: Any, decode: Any) -> Space:
             "decode": {
                 "model_max_side": decode.model_max_side,
                 "alpha_background": list(decode.alpha_background),
+                "jpeg_draft": decode.jpeg_draft,  # reduced-scale JPEG decode moves pixels
             },
         },
     )

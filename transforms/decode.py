@@ -25,6 +25,7 @@ Captions are normalised by :mod:`capgap.transforms.captions`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
@@ -56,6 +57,9 @@ class DecodeConfig:
     model_max_side: int = 448  # images handed to the model are downscaled to this shorter side
     alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])
     keep_original_bytes: bool = True  # write untouched RGB/L JPEG/PNG/WebP as they came
+    # Decode large JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when the model's
+    # image is at most half the source's size; see draft_jpeg.
+    jpeg_draft: bool = True
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.max_pixels < 1 or self.min_side < 1:
@@ -231,6 +235,58 @@ def stored_encoding(
     return buffer.getvalue(), "PNG"
 
 
+_BOMB_FILTER = ("error", None, Image.DecompressionBombWarning, None, 0)
+
+
+def raise_bomb_warnings() -> None:
+    """Make PIL's DecompressionBombWarning an error in this process (a worker's setup)."""
+    if not warnings.filters or warnings.filters[0] != _BOMB_FILTER:
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+@contextlib.contextmanager
+def _bomb_warnings_caught() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def bomb_warnings_as_errors() -> contextlib.AbstractContextManager:
+    """A context in which DecompressionBombWarning raises. Entering ``catch_warnings`` and
+    changing the filters costs ~60 us an image (it also resets the warnings caches), so
+    while :func:`raise_bomb_warnings` has made it the first filter this is a no-op."""
+    if warnings.filters and warnings.filters[0] == _BOMB_FILTER:
+        return contextlib.nullcontext()
+    return _bomb_warnings_caught()
+
+
+def draft_jpeg(im: Image.Image, cfg: DecodeConfig) -> tuple[int, int] | None:
+    """Before ``load()``: ask libjpeg for a 1/2, 1/4 or 1/8 scale decode whose shorter side
+    is still >= ``cfg.model_max_side``; returns the full (width, height) when it did.
+
+    Only for a JPEG whose shorter side is at least twice ``model_max_side`` and whose bytes
+    ``curated/`` keeps as they came (RGB or L, EXIF orientation 1, ``keep_original_bytes``),
+    so that nothing is ever re-encoded from the reduced pixels. The model's image is then
+    resized from the drafted pixels to the same size as from a full decode (the usual
+    bicubic resize, then the model's own resize / crop); libjpeg still reads every byte,
+    so truncated and corrupt files fail as before.
+    """
+    if not (cfg.jpeg_draft and cfg.keep_original_bytes and cfg.model_max_side):
+        return None
+    if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return None
+    full = im.size
+    if min(full) < 2 * cfg.model_max_side:
+        return None
+    try:
+        if exif_orientation(im) != 1:
+            return None
+    except Exception:  # decode_image records the unreadable EXIF block itself
+        return None
+    im.draft(im.mode, (cfg.model_max_side, cfg.model_max_side))
+    return full if im.size != full else None
+
+
 def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
     """Validate and normalise encoded image bytes. Raises :class:`RecordError`."""
     if data is None:
@@ -244,8 +300,7 @@ def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
             Reason.IMAGE_BYTES_TOO_LARGE, f"image has {len(data)} bytes > {cfg.max_bytes}"
         )
     notes: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with bomb_warnings_as_errors():
         try:
             im = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -263,6 +318,7 @@ def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
                 Reason.IMAGE_TOO_LARGE,
                 f"{width}x{height} = {width * height} pixels > {cfg.max_pixels}",
             )
+        full_size = draft_jpeg(im, cfg)
         try:
             if getattr(im, "is_animated", False):
                 im.seek(0)
@@ -291,7 +347,7 @@ def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
     rgb, mode_note = to_rgb(im, tuple(cfg.alpha_background), fmt)
     if mode_note:
         notes.append(mode_note)
-    width, height = rgb.size
+    width, height = full_size or rgb.size
     short, long = min(width, height), max(width, height)
     if short < cfg.min_side:
         raise RecordError(
@@ -320,7 +376,8 @@ def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
     if cfg.model_max_side and short > cfg.model_max_side:
         scale = cfg.model_max_side / short
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        model_image = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        if rgb.size != size:  # a drafted JPEG can be decoded at exactly this size
+            model_image = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     pixels = np.asarray(model_image, dtype=np.uint8)
     return DecodedImage(
         pixels=pixels, data=out, format=stored_format, width=width, height=height, notes=notes
@@ -432,6 +489,7 @@ class DecodeFn(beam.DoFn):
         # lift its bound in this worker if the configured one is higher.
         if Image.MAX_IMAGE_PIXELS is not None and self.decode.max_pixels > Image.MAX_IMAGE_PIXELS:
             Image.MAX_IMAGE_PIXELS = self.decode.max_pixels
+        raise_bomb_warnings()
         self.ok = Metrics.counter(self.namespace, "decoded")
 
     def process(self, element: tuple[str, dict]) -> Iterator[Any]:
