@@ -108,13 +108,15 @@ def load_hf_clip(
     if os.path.sep in source and not os.path.isdir(source):
         raise FileNotFoundError(f"model.hf_model folder not found: {source}")
     dev = resolve_device(device)
-    hf = AutoModel.from_pretrained(source)
+    # CLIP and SigLIP are transformers' own classes: no checkpoint's code is ever run.
+    hf = AutoModel.from_pretrained(source, trust_remote_code=False)
     model = HFDualEncoder(hf).to(dev).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     length = hf.config.text_config.max_position_embeddings
     if 0 < getattr(tokenizer, "model_max_length", length) < length:
         length = tokenizer.model_max_length
-    preprocess = HFPreprocess(AutoImageProcessor.from_pretrained(source))
+    processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
+    preprocess = HFPreprocess(processor)
     return model, preprocess, HFTokenizer(tokenizer, length)
 
 
