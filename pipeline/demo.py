@@ -93,7 +93,26 @@ class DemoConfig:
     captioner: TrainCaptionerConfig = field(default_factory=TrainCaptionerConfig)
     curate: curate.CurateConfig = field(default_factory=curate.CurateConfig)
     student: TrainConfig = field(default_factory=TrainConfig)
+    # Both students start from the weights of this ``reference_pretrain`` stage (1-based; 0:
+    # from scratch, or ``student.pretrained``): a base that knows the objects, fine-tuned on
+    # the original and on the curated web. From scratch, web captions let a student match
+    # pairs by background and texture and never learn the object (zero-shot 0.19).
+    student_init_stage: int = 0
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.student_init_stage <= len(self.reference_pretrain):
+            raise ValueError(
+                f"student_init_stage {self.student_init_stage} names no reference_pretrain "
+                f"stage (there are {len(self.reference_pretrain)})"
+            )
+        if self.student_init_stage:
+            stage = self.reference_pretrain[self.student_init_stage - 1].train
+            if stage.model != self.student.model:
+                raise ValueError(
+                    f"student_init_stage {self.student_init_stage} trains {stage.model}; "
+                    f"student.model is {self.student.model}"
+                )
 
 
 @dataclass
@@ -138,7 +157,7 @@ def train_reference(cfg: DemoConfig, data: dict[str, str]) -> Path:
         run = replace(
             stage.train,
             data=data[stage.split],
-            out_dir=str(Path(cfg.out_dir) / f"reference-stage{i + 1}-{stage.split}"),
+            out_dir=str(stage_dir(cfg, i + 1)),
             pretrained=weights,
             overwrite=True,
             resume=False,
@@ -155,6 +174,19 @@ def train_reference(cfg: DemoConfig, data: dict[str, str]) -> Path:
         resume=False,
     )
     return train(run)
+
+
+def stage_dir(cfg: DemoConfig, stage: int) -> Path:
+    """The run folder of ``reference_pretrain`` stage ``stage`` (1-based)."""
+    split = cfg.reference_pretrain[stage - 1].split
+    return Path(cfg.out_dir) / f"reference-stage{stage}-{split}"
+
+
+def student_init(cfg: DemoConfig) -> str | None:
+    """The weights both students start from (``student_init_stage``), else ``student.pretrained``."""
+    if cfg.student_init_stage:
+        return str(stage_dir(cfg, cfg.student_init_stage) / "model.safetensors")
+    return cfg.student.pretrained
 
 
 def train_dense_captioner(cfg: DemoConfig, data: dict[str, str]) -> Path:
@@ -227,6 +259,7 @@ def train_student(
         data=data,
         out_dir=str(Path(cfg.out_dir) / name),
         epochs=student_epochs(budget_pairs, rows),
+        pretrained=student_init(cfg),
         seed=cfg.student.seed if seed is None else seed,
         overwrite=True,
         resume=False,

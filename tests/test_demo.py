@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from capgap.core.config import load_config
 from capgap.pipeline import demo
 
@@ -35,3 +37,17 @@ def test_student_epochs_match_the_budget_to_the_nearest_whole_epoch():
     assert demo.student_epochs(48_000, 5_281) == 9  # 9.09: not rounded up to 10
     assert demo.student_epochs(48_000, 5_500) == 9  # 8.73: rounded up
     assert demo.student_epochs(100, 1_000) == 1  # never zero epochs
+
+
+def test_students_start_from_the_named_reference_stage(tmp_path):
+    cfg = load_config(demo.DemoConfig, "demo", [f"out_dir={tmp_path}"])
+    assert cfg.student_init_stage == 1  # the shipped demo: both students fine-tune it
+    assert demo.student_init(cfg) == str(
+        tmp_path / "reference-stage1-objects" / "model.safetensors"
+    )
+    quick = load_config(demo.DemoConfig, "demo_quick", [f"out_dir={tmp_path}"])
+    assert demo.student_init(quick) is None  # from scratch
+    with pytest.raises(ValueError, match="names no reference_pretrain stage"):
+        load_config(demo.DemoConfig, "demo", ["student_init_stage=2"])
+    with pytest.raises(ValueError, match="student.model"):
+        load_config(demo.DemoConfig, "demo", ["student.model=capgap-micro-vit"])
