@@ -252,3 +252,36 @@ def test_prune_drops_spaces_the_latest_builds_no_longer_use(tmp_path):
 def test_cache_auto_sits_next_to_the_output():
     assert incremental.cache_prefix("auto", "gs://b/curated/daily/") == "gs://b/curated/daily-cache"
     assert incremental.cache_prefix("gs://b/cache/", "gs://b/out") == "gs://b/cache"
+
+
+def test_rotated_jpegs_score_as_without_the_cache(tmp_path):
+    """An EXIF-rotated JPEG is stored as a lossy JPEG re-encode: a miss must embed the pixels
+    the decode saw, not a decode of the stored bytes, so a cached build scores as an uncached
+    one (and the stored bytes do decode to different pixels, so this can fail)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    from capgap.transforms.decode import DecodeConfig, decode_image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo = Image.fromarray(load_sample_image("china.jpg")).resize((96, 64))
+    rows = []
+    for i in range(8):
+        exif = Image.Exif()
+        exif[0x0112] = 6 if i % 2 else 8
+        buffer = io.BytesIO()
+        photo.rotate(i * 7).save(buffer, "JPEG", quality=80, exif=exif.tobytes())
+        rows.append({"uid": f"r{i}", "image": buffer.getvalue(), "caption": f"a photo {i}"})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "photos.parquet")
+    decoded = decode_image(rows[1]["image"], DecodeConfig())
+    assert "reencoded_jpeg" in decoded.notes
+    again = decode_image(decoded.data, DecodeConfig()).pixels
+    assert not np.array_equal(again, decoded.pixels)  # the stored bytes are lossy
+    build(folder, tmp_path / "plain", None)
+    cached = build(folder, tmp_path / "cached", tmp_path / "cache")
+    assert misses(cached, "embed") == 8
+    assert same(tmp_path / "plain", tmp_path / "cached") == []

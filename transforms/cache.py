@@ -334,16 +334,25 @@ def gate_space(clip_run: str, device: str) -> Space:
 # --- the cached embedding stage ----------------------------------------------------------------
 
 
+def _lossy_stored(row: dict) -> bool:
+    """Whether ``image`` holds a lossy re-encode (an EXIF-rotated JPEG, a lossy WebP, ...),
+    whose decode is not the pixels the model saw."""
+    notes = (row.get("decode_notes") or "").split(",")
+    return "reencoded_jpeg" in notes or "reencoded_webp" in notes
+
+
 def _keyed_pair(element: tuple[str, dict], space: str) -> tuple[str, tuple[str, dict]]:
-    """(uid, pair) -> (key, (uid, pair without pixels)): pixels are not shuffled."""
+    """(uid, pair) -> (key, (uid, pair)): pixels are not shuffled, except for the rows whose
+    stored bytes are a lossy re-encode (a miss could not get the same pixels back)."""
     uid, pair = element
-    row = {k: v for k, v in pair.items() if k != "pixels"}
+    keep = _lossy_stored(pair)
+    row = {k: v for k, v in pair.items() if keep or k != "pixels"}
     return embed_key(row, space), (uid, row)
 
 
 def _cached_row(element: tuple, model_id: str) -> tuple[str, dict]:
     _, (uid, row), (image, text, scale) = element
-    out = dict(row)
+    out = {k: v for k, v in row.items() if k != "pixels"}
     out["image_embedding"], out["text_embedding"] = image, text
     out["logit_scale"], out["model_id"] = scale, model_id
     return uid, out
@@ -351,8 +360,11 @@ def _cached_row(element: tuple, model_id: str) -> tuple[str, dict]:
 
 def _redecode(element: tuple, decode: Any) -> tuple[str, dict]:
     """A miss gets its pixels back from its stored image bytes (the same pixels: the bytes are
-    the original ones or a lossless PNG of the normalised image, EXIF already applied)."""
+    the original ones or a lossless PNG of the normalised image, EXIF already applied); a
+    lossy re-encode kept its pixels through the join."""
     _, (uid, row) = element
+    if "pixels" in row:
+        return uid, row
     return uid, {**row, "pixels": decode_image(row["image"], decode).pixels}
 
 
