@@ -15,13 +15,16 @@ PY=${PY:-.venv/bin/python}
 mkdir -p "$DEST"
 # Exactly what the GPU machine lacks: apache-beam and the requirements of it that are not in
 # that machine's image; open_clip and its ftfy/wcwidth; datasets (capgap's Hugging Face
-# reader) with dill/multiprocess. Versions: the ones capgap's own venv runs and tests.
+# reader) with dill/multiprocess; braceexpand (input patterns). Versions: the ones capgap's
+# own venv runs and tests. wheel_closure.py fails the build when capgap gains a requirement
+# that is neither here nor on that machine.
 PACKAGES=(
   apache-beam==2.77.0 beartype==0.22.9 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12
   fastavro==1.13.1 fasteners==0.20 httplib2==0.32.1 jsonpickle==4.1.4 objsize==0.7.1
   proto-plus==1.29.0 pymongo==4.20.1 dnspython==2.9.2 pytz==2026.6 zstandard==0.25.0
   open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+  braceexpand==0.1.7
 )
 PLATFORMS=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
