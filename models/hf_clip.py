@@ -151,12 +151,16 @@ def build_random_hf_clip(
     patch_size: int = 8,
     embed_dim: int = 32,
     seed: int = 0,
+    text_width: int | None = None,
+    text_heads: int | None = None,
 ) -> Path:
     """Write a random-init transformers CLIP or SigLIP checkpoint to ``folder`` (offline).
 
-    Both towers get ``width`` / ``layers`` / ``heads``; the text length is CLIP's 77 or
-    SigLIP's 64; ViT-B/32 is ``width=768, layers=12, heads=12, image_size=224,
-    patch_size=32, embed_dim=512``. Returns the folder.
+    Both towers get ``width`` / ``layers`` / ``heads`` unless ``text_width`` /
+    ``text_heads`` size the text tower apart (CLIP only: SigLIP's towers share the
+    embedding width); the text length is CLIP's 77 or SigLIP's 64. OpenAI's ViT-B/32 is
+    ``width=768, layers=12, heads=12, image_size=224, patch_size=32, embed_dim=512,
+    text_width=512, text_heads=8``. Returns the folder.
     """
     from transformers import (
         CLIPConfig,
@@ -178,6 +182,13 @@ def build_random_hf_clip(
     }
     vision = {**tower, "image_size": image_size, "patch_size": patch_size}
     text = {**tower, "vocab_size": 49408}
+    if text_width is not None or text_heads is not None:
+        if family != "clip":
+            raise ValueError("text_width / text_heads size CLIP's text tower only")
+        tw = text_width or width
+        text.update(
+            hidden_size=tw, intermediate_size=4 * tw, num_attention_heads=text_heads or heads
+        )
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = _clip_bpe_files(Path(tmp))
         # Positional: transformers 4 names them vocab_file / merges_file, 5 vocab / merges.

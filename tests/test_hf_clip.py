@@ -138,3 +138,17 @@ def test_one_scoring_model_only(checkpoints, web_shard, tmp_path):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="hf_model"):
         load_hf_clip(str(tmp_path / "nowhere"))
+
+
+def test_text_tower_sized_apart(tmp_path):
+    from transformers import CLIPModel
+
+    folder = build_random_hf_clip(tmp_path / "c", width=48, heads=4, text_width=32, text_heads=2)
+    config = CLIPModel.from_pretrained(folder).config
+    assert (config.vision_config.hidden_size, config.vision_config.num_attention_heads) == (48, 4)
+    assert (config.text_config.hidden_size, config.text_config.num_attention_heads) == (32, 2)
+    assert config.text_config.intermediate_size == 128
+    model, _, tokenizer = load_hf_clip(str(folder))
+    assert model.encode_text(tokenizer(CAPTIONS)).shape == (len(CAPTIONS), 32)
+    with pytest.raises(ValueError, match="text_width"):
+        build_random_hf_clip(tmp_path / "s", "siglip", text_width=32)
