@@ -152,3 +152,24 @@ def test_text_tower_sized_apart(tmp_path):
     assert model.encode_text(tokenizer(CAPTIONS)).shape == (len(CAPTIONS), 32)
     with pytest.raises(ValueError, match="text_width"):
         build_random_hf_clip(tmp_path / "s", "siglip", text_width=32)
+
+
+def test_clip_text_padding_cut_changes_nothing(checkpoints):
+    model, _, tokenizer = load_hf_clip(checkpoints["clip"])
+    short = CAPTIONS[:3]  # the fourth fills all 77 positions
+    ids = tokenizer(short)
+    lengths = []
+    hook = model.hf.text_model.embeddings.register_forward_hook(
+        lambda module, args, out: lengths.append(out.shape[1])
+    )
+    with torch.no_grad():
+        got = model.encode_text(ids)
+        full = model._features(model.hf.get_text_features(input_ids=ids))
+    hook.remove()
+    assert ids.shape[1] == 77 and lengths[0] < 20 and lengths[1] == 77
+    longest = max(len(tokenizer.tokenizer(c)["input_ids"]) for c in short)
+    assert lengths[0] == longest
+    np.testing.assert_allclose(got.numpy(), full.numpy(), atol=1e-5)
+    siglip, _, siglip_tokenizer = load_hf_clip(checkpoints["siglip"])
+    assert model.trim_padding(tokenizer(CAPTIONS)).shape[1] == 77
+    assert siglip.trim_padding(siglip_tokenizer(CAPTIONS)).shape[1] == 64
