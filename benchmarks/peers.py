@@ -107,7 +107,9 @@ def versions(python: Path) -> str:
         [str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True
     ).stdout
     keep = ("torch", "torchvision", "transformers", "clip-retrieval", "all-clip", "py-data-juicer")
-    return ", ".join(line for line in out.splitlines() if line.split("==")[0].lower() in keep)
+    return ", ".join(
+        line for line in out.splitlines() if line.split("==")[0].lower().replace("_", "-") in keep
+    )
 
 
 def make_input(work: Path, n: int, shards: int) -> list[dict]:
