@@ -128,13 +128,13 @@ def load_hf_clip(
     if os.path.sep in source and not os.path.isdir(source):
         raise FileNotFoundError(f"model.hf_model folder not found: {source}")
     dev = resolve_device(device)
-    hf = AutoModel.from_pretrained(source)
+    hf = AutoModel.from_pretrained(source, trust_remote_code=False)
     model = HFDualEncoder(hf).to(dev).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     length = hf.config.text_config.max_position_embeddings
     if 0 < getattr(tokenizer, "model_max_length", length) < length:
         length = tokenizer.model_max_length
-    preprocess = HFPreprocess(AutoImageProcessor.from_pretrained(source))
+    preprocess = HFPreprocess(AutoImageProcessor.from_pretrained(source, trust_remote_code=False))
     return model, preprocess, HFTokenizer(tokenizer, length)
 
 
