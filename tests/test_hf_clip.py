@@ -138,3 +138,38 @@ def test_one_scoring_model_only(checkpoints, web_shard, tmp_path):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="hf_model"):
         load_hf_clip(str(tmp_path / "nowhere"))
+
+
+def test_text_tower_sized_apart(tmp_path):
+    from transformers import CLIPModel
+
+    folder = build_random_hf_clip(tmp_path / "c", width=48, heads=4, text_width=32, text_heads=2)
+    config = CLIPModel.from_pretrained(folder).config
+    assert (config.vision_config.hidden_size, config.vision_config.num_attention_heads) == (48, 4)
+    assert (config.text_config.hidden_size, config.text_config.num_attention_heads) == (32, 2)
+    assert config.text_config.intermediate_size == 128
+    model, _, tokenizer = load_hf_clip(str(folder))
+    assert model.encode_text(tokenizer(CAPTIONS)).shape == (len(CAPTIONS), 32)
+    with pytest.raises(ValueError, match="text_width"):
+        build_random_hf_clip(tmp_path / "s", "siglip", text_width=32)
+
+
+def test_clip_text_padding_cut_changes_nothing(checkpoints):
+    model, _, tokenizer = load_hf_clip(checkpoints["clip"])
+    short = CAPTIONS[:3]  # the fourth fills all 77 positions
+    ids = tokenizer(short)
+    lengths = []
+    hook = model.hf.text_model.embeddings.register_forward_hook(
+        lambda module, args, out: lengths.append(out.shape[1])
+    )
+    with torch.no_grad():
+        got = model.encode_text(ids)
+        full = model._features(model.hf.get_text_features(input_ids=ids))
+    hook.remove()
+    assert ids.shape[1] == 77 and lengths[0] < 20 and lengths[1] == 77
+    longest = max(len(tokenizer.tokenizer(c)["input_ids"]) for c in short)
+    assert lengths[0] == longest
+    np.testing.assert_allclose(got.numpy(), full.numpy(), atol=1e-5)
+    siglip, _, siglip_tokenizer = load_hf_clip(checkpoints["siglip"])
+    assert model.trim_padding(tokenizer(CAPTIONS)).shape[1] == 77
+    assert siglip.trim_padding(siglip_tokenizer(CAPTIONS)).shape[1] == 64

@@ -1,0 +1,322 @@
+"""Peer benchmark (issue #20): capgap curate against clip-retrieval and Data-Juicer.
+
+Same input pairs, same transformers CLIP checkpoint, same machine, one run:
+
+- ``capgap``: ``capgap curate`` end to end (read Parquet, decode + validate, embed both
+  towers, bank + certainty / imbalance scores, decide, write curated/ rejected/ errors/
+  Parquet + manifest), scoring with ``model.hf_model=CHECKPOINT``;
+- ``clip-retrieval``: ``clip_retrieval.clip_inference`` on WebDataset tars of the same
+  pairs (image + text embeddings to .npy, captions to Parquet: embeddings only), the
+  model loaded through all_clip's ``hf_clip:`` prefix from the same folder;
+- ``data-juicer``: Data-Juicer's ``image_text_similarity_filter`` (per-sample CLIP
+  similarity + keep / drop) on a JSONL of the same pairs, ``hf_clip`` = the same folder.
+
+Each peer lives in its own venv under ``.peers/`` (git-ignored), made by this script with
+``python3.11 -m venv`` and pip from the package registry (torch first, pinned to the
+version capgap uses where the peer accepts it). Model hubs are never contacted: every
+tool runs with ``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``. Input conversion and
+venv creation happen before the timed part; the timed part is each tool's whole command
+(interpreter start and model load included, for every tool alike), run as a subprocess
+with the same torch thread count. A peer that cannot be installed or run is reported
+with its error and the others still run.
+
+    python benchmarks/peers.py                       # ViT-B/32-shaped random CLIP, 256 pairs
+    python benchmarks/peers.py --n 2000 --layers 6   # more pairs, a smaller model
+    python benchmarks/peers.py --skip data-juicer    # leave a peer out
+
+Prints a table (tool, what it computes, pairs, seconds, pairs/s, ratio) and writes it as
+JSON (``--json``, default ``.peers/results.json``). Goals: capgap >= 1.0x clip-retrieval
+(while doing more than embed) and >= 3x Data-Juicer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+PEERS = {
+    # clip-anytorch imports pkg_resources, which setuptools 81 dropped.
+    "clip-retrieval": ["clip-retrieval==2.45.0", "transformers", "setuptools<81"],
+    # Data-Juicer imports aiohttp at start-up without declaring it.
+    "data-juicer": ["py-data-juicer==1.6.1", "transformers", "aiohttp"],
+}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+CLIP_RETRIEVAL_RUN = """
+import sys
+from clip_retrieval.clip_inference.main import main
+main(input_dataset=sys.argv[1], output_folder=sys.argv[2], input_format="webdataset",
+     batch_size=int(sys.argv[4]), num_prepro_workers=int(sys.argv[5]), enable_text=True,
+     enable_image=True, enable_metadata=False, wds_image_key="png", wds_caption_key="txt",
+     clip_model="hf_clip:" + sys.argv[3], use_jit=False, enable_wandb=False,
+     output_partition_count=1, write_batch_size=100000, clip_cache_path=sys.argv[2] + "_cache")
+"""
+
+DATA_JUICER_CONFIG = """project_name: capgap-peers
+dataset_path: {dataset}
+export_path: {export}
+np: 1
+text_keys: text
+image_key: images
+open_tracer: false
+use_cache: false
+process:
+  - image_text_similarity_filter:
+      hf_clip: {model}
+      min_score: 0.0
+      max_score: 1.0
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[peers] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_venv(root: Path, name: str) -> Path:
+    """``root/name`` with torch and the peer's package; returns its python."""
+    venv = root / name
+    python = venv / "bin" / "python"
+    marker = venv / ".installed"
+    if marker.exists():
+        return python
+    if not python.exists():
+        subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, *TORCH], check=True)
+    proc = subprocess.run([*pip, *PEERS[name]], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip install {' '.join(PEERS[name])} failed:\n{proc.stderr[-3000:]}")
+    marker.write_text(versions(python))
+    return python
+
+
+def versions(python: Path) -> str:
+    out = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True
+    ).stdout
+    keep = ("torch", "torchvision", "transformers", "clip-retrieval", "all-clip", "py-data-juicer")
+    return ", ".join(
+        line for line in out.splitlines() if line.split("==")[0].lower().replace("_", "-") in keep
+    )
+
+
+def make_input(work: Path, n: int, shards: int) -> list[dict]:
+    """Synth ``n`` web pairs at 224 px as Parquet; returns the rows (uid, png, caption)."""
+    web = work / "synth"
+    if not list(web.glob("web/*.parquet")):
+        subprocess.run(
+            [*capgap_cmd(), "synth", "--out", str(web), "--split", "web", "--n", str(n)]
+            + ["--shards", str(shards), "--image_size", "224"],
+            check=True,
+        )
+    rows = []
+    for path in sorted(glob.glob(str(web / "web" / "*.parquet"))):
+        for row in pq.read_table(path, columns=["uid", "image", "caption"]).to_pylist():
+            image = row["image"]
+            png = image["bytes"] if isinstance(image, dict) else image
+            rows.append({"uid": row["uid"], "png": png, "caption": row["caption"]})
+    if len(rows) != n:
+        raise RuntimeError(f"{web} holds {len(rows)} rows, not {n}: delete it and rerun")
+    return rows
+
+
+def write_tars(rows: list[dict], folder: Path, shards: int) -> str:
+    """The pairs as WebDataset tars (key.png + key.txt); returns the brace pattern."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-len(rows) // shards)
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i, row in enumerate(rows[s * per : (s + 1) * per]):
+                key = f"{s:05d}{i:05d}"
+                for ext, data in (("png", row["png"]), ("txt", row["caption"].encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(folder / f"{{00000..{shards - 1:05d}}}.tar")
+
+
+def write_jsonl(rows: list[dict], folder: Path) -> Path:
+    """The pairs as Data-Juicer's multimodal JSONL (image files + ``<__dj__image>`` text)."""
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    path = folder / "pairs.jsonl"
+    with path.open("w") as f:
+        for i, row in enumerate(rows):
+            image = images / f"{i:06d}.png"
+            image.write_bytes(row["png"])
+            text = f"<__dj__image> {row['caption']} <|__dj__eoc|>"
+            f.write(json.dumps({"text": text, "images": [str(image)]}) + "\n")
+    return path
+
+
+def capgap_cmd() -> list[str]:
+    return [sys.executable, "-c", "from capgap.pipeline.cli import main; main()"]
+
+
+def timed(cmd: list[str], env: dict, logfile: Path) -> float:
+    t0 = time.perf_counter()
+    with logfile.open("w") as f:
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = logfile.read_text()[-2500:]
+        raise RuntimeError(f"exit {proc.returncode} ({logfile}):\n{tail}")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=256, help="pairs")
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--width", type=int, default=768, help="vision tower width")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--text_width", type=int, default=512)
+    ap.add_argument("--text_heads", type=int, default=8)
+    ap.add_argument("--patch", type=int, default=32)
+    ap.add_argument("--embed_dim", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=64, help="embedding batch, every tool")
+    ap.add_argument("--bank_size", type=int, default=128, help="capgap score.bank_size")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--root", default=str(ROOT / ".peers"), help="venvs + work files")
+    ap.add_argument("--skip", action="append", default=[], choices=sorted(PEERS))
+    ap.add_argument("--json", default=None, help="default ROOT/results.json")
+    args = ap.parse_args(argv)
+
+    root = Path(args.root)
+    work = root / f"work-n{args.n}-w{args.width}-l{args.layers}"
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **OFFLINE}
+    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+
+    # Untimed: model, input in each tool's format, venvs.
+    from capgap.models.hf_clip import build_random_hf_clip
+
+    model = work / "clip"
+    if not (model / "config.json").exists():
+        build_random_hf_clip(
+            model, "clip", width=args.width, layers=args.layers, heads=args.heads,
+            image_size=224, patch_size=args.patch, embed_dim=args.embed_dim,
+            text_width=args.text_width, text_heads=args.text_heads,
+        )  # fmt: skip
+    rows = make_input(work, args.n, args.shards)
+    tars = write_tars(rows, work / "wds", args.shards)
+    jsonl = write_jsonl(rows, work / "dj")
+    pythons: dict[str, Path] = {}
+    failures: dict[str, str] = {}
+    for name in PEERS:
+        if name in args.skip:
+            continue
+        try:
+            log(f"venv for {name} ...")
+            pythons[name] = ensure_venv(root, name)
+        except Exception as e:  # noqa: BLE001 - record why and keep the other peers
+            failures[name] = f"install: {e}"
+
+    results = []
+
+    def record(tool: str, computes: str, seconds: float, note: str = "") -> None:
+        results.append(
+            {"tool": tool, "computes": computes, "pairs": args.n, "seconds": round(seconds, 2),
+             "pairs_per_s": round(args.n / seconds, 2), "note": note}
+        )  # fmt: skip
+
+    # Timed: each tool's whole command.
+    out = work / "capgap-out"
+    cmd = [*capgap_cmd(), "curate", "--input", str(work / "synth" / "web" / "*.parquet")]
+    cmd += ["--output", str(out), "--device", "cpu", "--overwrite"]
+    for s in (
+        f"model.hf_model={model}", f"model.min_batch_size={args.batch}",
+        f"model.max_batch_size={args.batch}", f"score.bank_size={args.bank_size}",
+        f"model.torch_threads={args.threads}",
+    ):  # fmt: skip
+        cmd += ["--set", s]
+    log("capgap curate ...")
+    seconds = timed(cmd, env, work / "capgap.log")
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest.get("counts", {})
+    record(
+        "capgap curate",
+        "decode+validate, image+text embed, bank scores, decide, write Parquet",
+        seconds,
+        f"rows_in {counts.get('rows_in')}: curated {counts.get('curated')}, rejected "
+        f"{counts.get('rejected')}, errors {counts.get('errors')}; score.bank_size "
+        f"{args.bank_size} (bank pass embeds {min(args.n, -(-args.bank_size * 5 // 4))} more)",
+    )
+
+    if "clip-retrieval" in pythons:
+        python = pythons["clip-retrieval"]
+        emb = work / "cr-out"
+        cmd = [str(python), "-c", CLIP_RETRIEVAL_RUN, tars, str(emb), str(model)]
+        cmd += [str(args.batch), str(args.threads)]
+        log("clip-retrieval clip_inference ...")
+        try:
+            seconds = timed(cmd, env, work / "clip-retrieval.log")
+            n_img = sum(
+                len(__import__("numpy").load(p)) for p in glob.glob(str(emb / "img_emb" / "*.npy"))
+            )
+            record(
+                "clip-retrieval clip_inference",
+                "image+text embeddings to .npy (no scores, no decision)",
+                seconds,
+                f"{n_img} image embeddings written; {versions(python)}",
+            )
+        except Exception as e:  # noqa: BLE001
+            failures["clip-retrieval"] = f"run: {e}"
+
+    if "data-juicer" in pythons:
+        python = pythons["data-juicer"]
+        config = work / "dj" / "config.yaml"
+        export = work / "dj-out" / "kept.jsonl"
+        config.write_text(DATA_JUICER_CONFIG.format(dataset=jsonl, export=export, model=model))
+        cmd = [str(python), "-m", "data_juicer.tools.process_data", "--config", str(config)]
+        log("data-juicer image_text_similarity_filter ...")
+        try:
+            seconds = timed(cmd, env, work / "data-juicer.log")
+            kept = sum(1 for _ in export.open()) if export.exists() else 0
+            record(
+                "data-juicer image_text_similarity_filter",
+                "per-sample CLIP similarity + keep/drop, export JSONL",
+                seconds,
+                f"{kept} kept; {versions(python)}",
+            )
+        except Exception as e:  # noqa: BLE001
+            failures["data-juicer"] = f"run: {e}"
+
+    base = results[0]["pairs_per_s"]
+    for r in results:
+        r["capgap_ratio"] = round(base / r["pairs_per_s"], 2)
+    report = {
+        "model": {k: getattr(args, k) for k in ("width", "layers", "heads", "text_width",
+                                                "text_heads", "patch", "embed_dim")},
+        "image_size": 224, "batch": args.batch, "threads": args.threads,
+        "results": results, "failures": failures,
+    }  # fmt: skip
+    print(f"{'tool':44} {'pairs':>6} {'seconds':>8} {'pairs/s':>8} {'capgap x':>9}  computes")
+    for r in results:
+        print(
+            f"{r['tool']:44} {r['pairs']:6d} {r['seconds']:8.1f} {r['pairs_per_s']:8.2f} "
+            f"{r['capgap_ratio']:8.2f}x  {r['computes']}"
+        )
+    for name, why in failures.items():
+        print(f"{name}: FAILED: {why.splitlines()[0]}\n  see the JSON for the whole error")
+    path = Path(args.json or root / "results.json")
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
