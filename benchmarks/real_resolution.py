@@ -221,29 +221,31 @@ def main(argv: list[str] | None = None) -> dict:
                 after, share_b = bare_loop(embedder, big_pattern, args.batch, bank, draft_side)
                 r["bare"].append((before + after) / 2)
                 r["bare_decode_share"].append((share_a + share_b) / 2)
-                r["pipe"].append((n_big - args.n) / max(big - small, 1e-9))
+                r["pipe"].append(steady_rate(args.n, small, n_big, big))
                 r["pipe_e2e"].append(n_big / big)
+                steady = r["pipe"][-1]
                 print(
-                    f"rep {rep} {key}: pipeline steady {r['pipe'][-1]:.2f} pairs/s (end to end "
+                    f"rep {rep} {key}: pipeline steady {_fmt(steady, '.2f')} pairs/s (end to end "
                     f"{r['pipe_e2e'][-1]:.2f}), bare "
                     f"{r['bare'][-1]:.2f} pairs/s (decode {r['bare_decode_share'][-1]:.0%} of "
-                    f"it), ratio {r['pipe'][-1] / r['bare'][-1]:.2f}",
+                    f"it), ratio {_fmt(steady and steady / r['bare'][-1], '.2f')}",
                     flush=True,
                 )
         report: dict = {"model": args.model, "device": args.device, "image_size": side}
         report.update(rows=n_big, mean_megapixels=round(mean_mp, 2), threads=args.threads)
         for key, r in results.items():
             decode_s = decode_seconds(photos, key == "draft")
-            pipe = statistics.median(r["pipe"])
-            ratios = [p / b for p, b in zip(r["pipe"], r["bare"], strict=True)]
+            steady = [p for p in r["pipe"] if p is not None]
+            pipe = statistics.median(steady) if steady else None
+            ratios = [p / b for p, b in zip(r["pipe"], r["bare"], strict=True) if p is not None]
             report[key] = {
-                "pipeline_pairs_per_s": round(pipe, 2),
+                "pipeline_pairs_per_s": _round(pipe, 2),
                 "pipeline_end_to_end_pairs_per_s": round(statistics.median(r["pipe_e2e"]), 2),
                 "bare_pairs_per_s": round(statistics.median(r["bare"]), 2),
                 "paired_ratios": [round(x, 3) for x in ratios],
-                "paired_median": round(statistics.median(ratios), 3),
+                "paired_median": _round(statistics.median(ratios) if ratios else None, 3),
                 "decode_s_per_image": round(decode_s, 4),
-                "pipeline_decode_share": round(decode_s * pipe, 3),
+                "pipeline_decode_share": _round(pipe and decode_s * pipe, 3),
                 "bare_decode_share": round(statistics.median(r["bare_decode_share"]), 3),
             }
         cos = draft_cosines(embedder, photos)
@@ -251,8 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
             "min": round(min(cos), 5),
             "median": round(statistics.median(cos), 5),
         }
-        report["draft_speedup_pipeline"] = round(
-            report["draft"]["pipeline_pairs_per_s"] / report["full"]["pipeline_pairs_per_s"], 2
+        full_steady, draft_steady = (report[k]["pipeline_pairs_per_s"] for k in ("full", "draft"))
+        report["draft_speedup_pipeline"] = _round(
+            full_steady and draft_steady and draft_steady / full_steady, 2
         )
         report["draft_speedup_end_to_end"] = round(
             report["draft"]["pipeline_end_to_end_pairs_per_s"]
@@ -265,20 +268,36 @@ def main(argv: list[str] | None = None) -> dict:
         for key in ("full", "draft"):
             r = report[key]
             print(
-                f"{key:5s}: capgap curate {r['pipeline_pairs_per_s']:.2f} pairs/s, bare loop "
-                f"{r['bare_pairs_per_s']:.2f} pairs/s, Beam/bare {r['paired_median']:.2f}x "
-                f"(paired {r['paired_ratios']}); capgap decode {r['decode_s_per_image'] * 1000:.0f}"
-                f" ms/image = {r['pipeline_decode_share']:.0%} of the pipeline's time per row"
+                f"{key:5s}: capgap curate {_fmt(r['pipeline_pairs_per_s'], '.2f')} pairs/s, bare "
+                f"loop {r['bare_pairs_per_s']:.2f} pairs/s, Beam/bare "
+                f"{_fmt(r['paired_median'], '.2f')}x (paired {r['paired_ratios']}); capgap decode "
+                f"{r['decode_s_per_image'] * 1000:.0f} ms/image = "
+                f"{_fmt(r['pipeline_decode_share'], '.0%')} of the pipeline's time per row"
             )
         print(
             f"draft decode: capgap decode {report['draft_speedup_decode']:.2f}x faster, pipeline "
-            f"{report['draft_speedup_pipeline']:.2f}x (steady) / "
+            f"{_fmt(report['draft_speedup_pipeline'], '.2f')}x (steady) / "
             f"{report['draft_speedup_end_to_end']:.2f}x (end to end); embedding "
             f"cosine draft vs full: min {report['draft_vs_full_cosine']['min']:.4f}, median "
             f"{report['draft_vs_full_cosine']['median']:.4f}"
         )
         print(json.dumps(report))
     return report
+
+
+def steady_rate(n_small: int, small_s: float, n_big: int, big_s: float) -> float | None:
+    """Marginal pairs/s between two runs; None when the extra rows cost less than 5% of the
+    big run (start-up noise then swamps them: use a larger --n / --scale)."""
+    extra = big_s - small_s
+    return (n_big - n_small) / extra if extra > 0.05 * big_s else None
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a (too few rows to measure)" if x is None else format(x, spec)
 
 
 if __name__ == "__main__":
