@@ -41,10 +41,8 @@ def _list(prefix: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for kind in KINDS:
         pattern = posixpath.join(prefix, kind, "**")
-        try:
-            matches = FileSystems.match([pattern])[0].metadata_list
-        except Exception:  # no such folder
-            continue
+        # A missing folder matches nothing; any error (permissions, credentials) propagates.
+        matches = FileSystems.match([pattern])[0].metadata_list
         for meta in matches:
             out[relative(meta.path, prefix)] = meta.size_in_bytes
     return out

@@ -149,10 +149,9 @@ def read_commits(prefix: str) -> list[dict[str, Any]]:
     """Every commit record under ``prefix``, oldest first (an unreadable one is skipped with a
     warning: it was never completely written, or someone edited it)."""
     pattern = posixpath.join(commit_folder(prefix), "*.json")
-    try:
-        matches = FileSystems.match([pattern])[0].metadata_list
-    except Exception:  # no such folder yet: an empty cache
-        return []
+    # No folder yet (an empty cache) matches nothing; an error reading the cache (permissions,
+    # credentials) must fail the build, not make it silently recompute everything.
+    matches = FileSystems.match([pattern])[0].metadata_list
     records = []
     for meta in sorted(matches, key=lambda m: m.path):
         try:
