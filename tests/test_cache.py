@@ -15,7 +15,6 @@ from the cache must agree exactly, every column of every row.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -24,17 +23,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cluster_compare import cluster_check
 
 from capgap.pipeline import cache as cache_cmd
 from capgap.pipeline import curate, incremental
 from capgap.pipeline.synth import SCHEMA, SplitConfig, make_row
 from capgap.transforms.schema import OUTPUTS
-
-_spec = importlib.util.spec_from_file_location(
-    "cluster_check", Path(__file__).resolve().parents[1] / "benchmarks" / "cluster_check.py"
-)
-cluster_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cluster_check)
 
 SETS = [
     "score.bank_size=8",

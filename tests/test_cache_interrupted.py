@@ -10,7 +10,6 @@ outputs). A later rerun then reads every embedding from the cache.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -22,17 +21,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cluster_compare import cluster_check
 
 from capgap.pipeline import cache as cache_cmd
 from capgap.pipeline import curate
 from capgap.pipeline.synth import SCHEMA, SplitConfig, make_row
 from capgap.transforms.schema import OUTPUTS
-
-_spec = importlib.util.spec_from_file_location(
-    "cluster_check", Path(__file__).resolve().parents[1] / "benchmarks" / "cluster_check.py"
-)
-cluster_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cluster_check)
 
 N = 24
 START_TIMEOUT_S = 240

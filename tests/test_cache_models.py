@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from cluster_compare import cluster_check
 
 from capgap.models import tiny_captioner as tc
 from capgap.models.clip_factory import create_clip, save_checkpoint
@@ -113,15 +114,9 @@ def test_rerun_computes_no_embedding_caption_or_gate_score(runs, world):
     assert all(counts["miss"] == 0 for counts in rerun.values()), rerun
     assert runs["rerun"]["metrics"].get("cache.caption.miss", 0) == 0
     assert runs["rerun"]["counts"] == runs["first"]["counts"]
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "cluster_check", Path(__file__).resolve().parents[1] / "benchmarks" / "cluster_check.py"
-    )
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
-    a, b = check.rows_of(world["root"] / "first"), check.rows_of(world["root"] / "rerun")
-    assert check.same_rows(a["curated"], b["curated"])
+    a = cluster_check.rows_of(world["root"] / "first")
+    b = cluster_check.rows_of(world["root"] / "rerun")
+    assert cluster_check.same_rows(a["curated"], b["curated"])
     for uid, row in a["curated"].items():  # captions and gate scores exactly as computed
         other = b["curated"][uid]
         assert (row["caption"], row["recaption_status"]) == (

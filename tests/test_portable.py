@@ -7,25 +7,17 @@ Also: a failing step prints its traceback and exits 1; a user error stays one li
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cluster_compare import cluster_check
 
 from capgap.pipeline import curate
 from capgap.pipeline.synth import SCHEMA, SplitConfig, make_row
 from capgap.transforms import score
 from capgap.transforms.schema import OUTPUTS
-
-# The comparison `make cluster-check` makes, tested here on the in-process portable runner.
-_spec = importlib.util.spec_from_file_location(
-    "cluster_check", Path(__file__).resolve().parents[1] / "benchmarks" / "cluster_check.py"
-)
-cluster_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cluster_check)
 
 SETS = [
     "score.bank_size=8",
