@@ -41,7 +41,8 @@ def make_adamw(
 
     Group 0 (weight decay 0): tensors with ``ndim < 2`` (gains, biases, norms, scalars)
     and parameters whose name contains any of ``no_decay_keys``; group 1: the rest, with
-    ``weight_decay``. Parameters with ``requires_grad=False`` are left out.
+    ``weight_decay``. Parameters with ``requires_grad=False`` are left out. The fused kernel
+    is used where torch has one for the parameters' device (``fused_supported``).
     """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -52,7 +53,21 @@ def make_adamw(
         {"params": no_decay, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=betas, eps=eps, fused=fused_supported(decay + no_decay)
+    )
+
+
+def fused_supported(params: Sequence[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes ``params``: floating point, on CPU or CUDA.
+
+    The default (per-tensor) AdamW spends about a fifth of a micro CLIP's CPU training step
+    in the update of its 49,408 x 96 token embedding; the fused kernel does the same update
+    (to float rounding) in one pass, 5x faster there (benchmarks/train_throughput.py).
+    """
+    return bool(params) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+    )
 
 
 def lr_at(

@@ -149,6 +149,26 @@ def test_make_adamw_takes_other_no_decay_keys():
     assert opt.defaults["eps"] == 1e-8
 
 
+def test_make_adamw_is_fused_on_cpu_and_steps_like_the_per_tensor_adamw():
+    torch.manual_seed(0)
+    fused_net, plain_net = _Net(), _Net()
+    plain_net.load_state_dict(fused_net.state_dict())
+    fused = make_adamw(fused_net, lr=0.1, weight_decay=0.2)
+    plain = make_adamw(plain_net, lr=0.1, weight_decay=0.2)
+    for group in plain.param_groups:
+        group["fused"] = False
+    assert fused.defaults["fused"] is True
+    for net, opt in ((fused_net, fused), (plain_net, plain)):
+        for _ in range(3):
+            opt.zero_grad()
+            sum((p**2).sum() * (i + 1) for i, p in enumerate(net.parameters())).backward()
+            opt.step()
+    for (name, a), b in zip(
+        fused_net.state_dict().items(), plain_net.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_lr_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     lr = [lr_at(s, 20, 2.0, warmup_steps=4, min_lr_ratio=0.1) for s in range(25)]
     assert lr[0] == 0.5  # step 0 already moves: lr * 1 / warmup
