@@ -139,7 +139,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        image_size = create_clip(args.model)[0].visual.image_size[0]
+        image_size = create_clip(args.model)[0].visual.image_size
+        image_size = image_size if isinstance(image_size, int) else image_size[0]  # ResNet: int
         synth.run(
             synth.SynthConfig(
                 out=str(tmp), split="seed", n=args.n, shards=4, image_size=image_size
