@@ -7,6 +7,7 @@ content of a row never depends on the shard count or on the other rows.
 
     capgap synth --out data/synth                 # all splits from configs/synth.yaml
     capgap synth --split web --n 10000 --shards 8
+    capgap synth --processes 2                    # shards side by side, the same bytes
     capgap synth --split web --set splits.web.k=2 # every caption names 2 attributes
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import io
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from capgap.core.config import (
     parse_command,
     save_resolved,
 )
+from capgap.pipeline.jobs import run_side_by_side
 
 A = len(world.ATTRIBUTE_NAMES)
 
@@ -78,6 +80,7 @@ class SynthConfig:
     shards: int = field(default=4, metadata={"help": "Parquet shards per split"})
     image_size: int = field(default=32, metadata={"help": "image side in pixels (>= 32)"})
     noise_std: float = field(default=0.05, metadata={"help": "Gaussian pixel noise"})
+    processes: int = field(default=1, metadata={"help": "shards written side by side"})
     splits: dict[str, SplitConfig] = field(default_factory=_default_splits)
 
     def __post_init__(self) -> None:
@@ -85,6 +88,8 @@ class SynthConfig:
             raise ValueError("image_size must be at least 32")
         if self.shards < 1:
             raise ValueError("shards must be >= 1")
+        if self.processes < 1:
+            raise ValueError("processes must be >= 1")
         if self.split != "all" and self.split not in self.splits:
             raise ValueError(f"split {self.split!r} is not one of {sorted(self.splits)}")
 
@@ -165,34 +170,50 @@ def shard_ranges(n: int, shards: int) -> Iterator[tuple[int, int]]:
     yield from zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
 
 
-def write_split(cfg: SynthConfig, split_name: str, show_progress: bool = True) -> list[Path]:
+def write_shard(cfg: SynthConfig, split_name: str, shard: int, start: int, stop: int) -> Path:
+    """Rows ``start .. stop - 1`` of ``split_name`` as one Parquet shard (written atomically)."""
     split = cfg.splits[split_name]
-    n = cfg.n if cfg.n is not None else split.n
+    rows = [
+        make_row(index, split_name, split, cfg.seed, cfg.image_size, cfg.noise_std)
+        for index in range(start, stop)
+    ]
+    table = pa.Table.from_pylist(rows, schema=split_schema(split))
+    path = Path(cfg.out) / split_name / f"{split_name}-{shard:05d}-of-{cfg.shards:05d}.parquet"
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)  # a shard is visible only once complete
+    return path
+
+
+def _shard_jobs(cfg: SynthConfig, split_name: str) -> list[tuple[Callable, tuple]]:
+    """Clear the split's folder; one ``write_shard`` job per shard."""
+    n = cfg.n if cfg.n is not None else cfg.splits[split_name].n
     out_dir = Path(cfg.out) / split_name
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f"{split_name}-*.parquet"):
         stale.unlink()
-    paths = []
-    bar = tqdm(total=n, desc=f"synth {split_name}", unit="pair", disable=not show_progress)
-    for shard, (start, stop) in enumerate(shard_ranges(n, cfg.shards)):
-        rows = []
-        for index in range(start, stop):
-            rows.append(make_row(index, split_name, split, cfg.seed, cfg.image_size, cfg.noise_std))
-            bar.update(1)
-        table = pa.Table.from_pylist(rows, schema=split_schema(split))
-        path = out_dir / f"{split_name}-{shard:05d}-of-{cfg.shards:05d}.parquet"
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)  # a shard is visible only once complete
-        paths.append(path)
-    bar.close()
-    return paths
+    return [
+        (write_shard, (cfg, split_name, shard, start, stop))
+        for shard, (start, stop) in enumerate(shard_ranges(n, cfg.shards))
+    ]
 
 
 def run(cfg: SynthConfig, show_progress: bool = True) -> dict[str, list[Path]]:
-    """Write the configured split(s); returns the shard paths per split."""
+    """Write the configured split(s); returns the shard paths per split.
+
+    Every row is a function of (world seed, split, index) alone, so shards are independent:
+    ``cfg.processes`` of them are written side by side, to the same bytes as one at a time.
+    """
     names = list(cfg.splits) if cfg.split == "all" else [cfg.split]
-    written = {name: write_split(cfg, name, show_progress) for name in names}
+    jobs = [(name, job) for name in names for job in _shard_jobs(cfg, name)]
+    bar = tqdm(total=len(jobs), desc="synth", unit="shard", disable=not show_progress)
+    paths = run_side_by_side(
+        [job for _, job in jobs], cfg.processes, on_done=lambda _: bar.update(1)
+    )
+    bar.close()
+    written: dict[str, list[Path]] = {name: [] for name in names}
+    for (name, _), path in zip(jobs, paths, strict=True):
+        written[name].append(path)
     save_resolved(cfg, cfg.out, "synth_config.yaml")
     return written
 

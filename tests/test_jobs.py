@@ -19,6 +19,14 @@ def test_results_come_back_in_job_order_from_other_processes():
     assert os.getpid() not in pids
 
 
+def test_on_done_hears_of_every_job_once_in_processes_and_inline():
+    for processes in (1, 2):
+        done: list[int] = []
+        jobs = [(math.pow, (2, k)) for k in range(4)]
+        assert run_side_by_side(jobs, processes, on_done=done.append) == [1.0, 2.0, 4.0, 8.0]
+        assert sorted(done) == [0, 1, 2, 3]
+
+
 def test_one_process_runs_inline():
     assert run_side_by_side([(os.getpid, ())], processes=1) == [os.getpid()]
     with pytest.raises(ValueError, match="processes"):

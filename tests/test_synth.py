@@ -115,6 +115,22 @@ def test_deterministic_and_independent_of_shard_count(tmp_path):
     assert sorted(rows, key=lambda row: row["uid"]) != tables[0]
 
 
+def test_shards_written_side_by_side_are_the_same_files(tmp_path):
+    written = {}
+    for processes in (1, 2):
+        cfg = synth.SynthConfig(
+            out=str(tmp_path / f"p{processes}"), split="all", n=30, shards=3, processes=processes
+        )
+        written[processes] = synth.run(cfg, show_progress=False)
+    assert list(written[1]) == list(written[2]) == list(cfg.splits)
+    for name, paths in written[1].items():
+        assert [p.name for p in paths] == [p.name for p in written[2][name]]
+        for one, two in zip(paths, written[2][name], strict=True):
+            assert one.read_bytes() == two.read_bytes()
+    with pytest.raises(ValueError, match="processes"):
+        synth.SynthConfig(processes=0)
+
+
 def test_parquet_schema(tmp_path):
     cfg = synth.SynthConfig(out=str(tmp_path), split="seed", n=10, shards=2)
     path = synth.run(cfg, show_progress=False)["seed"][0]
