@@ -189,7 +189,9 @@ class Views:
     bank_texts: np.ndarray
 
     def topk_mean(self, which: str, k: int) -> np.ndarray:
+        """Mean of each row's k largest valid entries (k capped at the valid count)."""
         m = self.S if which == "S" else self.R
+        k = max(1, min(k, int(self.valid.sum(axis=1).min())))
         top = np.partition(m, m.shape[1] - k, axis=1)[:, -k:]
         return top.mean(axis=1)
 
@@ -204,6 +206,7 @@ class Views:
     def text_topk_mean(self, k: int) -> np.ndarray:
         """Mean top-k of cos(caption_i, bank captions), own entry left out."""
         own = np.where(self.valid, self.texts @ self.bank_texts.T, -np.inf)
+        k = max(1, min(k, int(self.valid.sum(axis=1).min())))
         return np.partition(own, own.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
 
     def mean(self, which: str) -> np.ndarray:
@@ -306,6 +309,8 @@ def delong(
         aucs[name] = float(tz[:m].sum() / (m * n) - (m + 1) / (2 * n))
         v01.append((tz[:m] - tx) / n)
         v10.append(1.0 - (tz[m:] - ty) / m)
+    if m < 2 or n < 2:  # no variance estimate from one row
+        return aucs, np.full((len(names), len(names)), np.nan)
     cov = np.cov(np.asarray(v01)) / m + np.cov(np.asarray(v10)) / n
     return aucs, np.atleast_2d(cov)
 
@@ -505,7 +510,7 @@ def verify(
         for other in check_json.get("compare", {}):
             if other != their_method:
                 names[other] = "clip_score" if other == "clip" else other
-        checks["check_scores_columns"] = sorted(names.values())
+        checks["check_scores_columns"] = sorted(set(names.values()))
         checks["check_scores_auroc_max_diff"] = max_diff(_by_k_map(check_json["by_k"]), names)
         checks["check_scores_rows"] = check_json.get("rows")
         checks["check_scores_spearman"] = check_json.get("imbalance_spearman")
@@ -535,6 +540,7 @@ def section_md(label: str, summary: dict[str, Any]) -> str:
     lines = [
         f"## {label}: {summary['reference']}",
         "",
+        *([summary["note"], ""] if summary.get("note") else []),
         f"{summary['rows']} rows ({summary['mismatched']} mismatched) of `{summary['data']}`; "
         f"bank {summary['bank_size']} pairs, model tau {summary['tau']:.5f} "
         f"(fitted tau {summary['tau_fit']:.5f}). Columns: AUROC matched vs mismatched, per "
@@ -557,6 +563,13 @@ def section_md(label: str, summary: dict[str, Any]) -> str:
             f"| {name} | " + " | ".join(cells) + f" | {worst[0]:+.4f} ({z}) "
             f"| {dd:+.4f} +- {dse:.4f} | {flag} |"
         )
+    best = summary["best_overall"]
+    qualifying = ", ".join(summary["qualifies"]) or "none"
+    lines += [
+        "",
+        f"Highest overall AUROC: {best} {summary['auroc'][best]:.4f}. Beat dual_softmax "
+        f"overall and clip_score in every k bucket: {qualifying}.",
+    ]
     lines += [
         "",
         f"Imbalance: Spearman(imbalance, {N_ATTRIBUTES} - k) over the "
@@ -567,6 +580,13 @@ def section_md(label: str, summary: dict[str, Any]) -> str:
     ]
     for name, rho in summary["imbalance_spearman"].items():
         lines.append(f"| {name} | {_fmt(rho, 3)} |")
+    rhos = summary["imbalance_spearman"]
+    top = max(rhos, key=lambda n: -np.inf if rhos[n] is None else rhos[n])
+    lines += [
+        "",
+        f"Highest Spearman: {top} {rhos[top]:.3f} (ambiguity, the default: "
+        f"{rhos['ambiguity']:.3f}).",
+    ]
     lines += ["", "Checks: " + json.dumps(summary["checks"]), ""]
     return "\n".join(lines)
 
@@ -752,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep_embeddings", help="save the extracted embeddings here (.npz)")
     parser.add_argument("--check_scores_json", help="`capgap check-scores --compare` output")
     parser.add_argument("--tolerance", type=float, default=1e-3)
+    parser.add_argument("--note", default="", help="a line on the reference, for results.md")
     parser.add_argument("--beam_arg", action="append", default=[], help="e.g. --runner=...")
     args = parser.parse_args(argv)
 
@@ -775,9 +796,14 @@ def main(argv: list[str] | None = None) -> int:
     check_json = read_check_json(args.check_scores_json) if args.check_scores_json else None
     summary = evaluate_all(data, check_json)
     summary.update(source)
-    summary["command"] = "python benchmarks/certainty_candidates.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    # The command that embeds afresh (an --embeddings run gives the same numbers).
+    command = ["python benchmarks/certainty_candidates.py"]
+    command += [f"--reference {source['reference']}", f"--data {source['data']}"]
+    command += [f"--label {args.label}", f"--bank_size {args.bank_size}"]
+    if args.check_scores_json:
+        command.append(f"--check_scores_json {args.check_scores_json}")
+    summary["command"] = " ".join(command)
+    summary["note"] = args.note
     summary["embed_s"] = round(embedded_s, 1)
     summary["score_s"] = round(time.perf_counter() - started - embedded_s, 1)
 
