@@ -323,7 +323,7 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
         CURATED: curated,
         REJECTED: rejected,
         ERRORS: errors,
-        "embedded": embedded["ok"],  # (uid, row with embeddings): benchmarks/certainty_candidates.py
+        "embedded": embedded["ok"],  # with embeddings (benchmarks/certainty_candidates.py)
         "scored": scored,
         "bank": bank,
         "counts": counts,
