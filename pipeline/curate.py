@@ -323,6 +323,7 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
         CURATED: curated,
         REJECTED: rejected,
         ERRORS: errors,
+        "embedded": embedded["ok"],  # with embeddings (benchmarks/certainty_candidates.py)
         "scored": scored,
         "bank": bank,
         "counts": counts,

@@ -38,11 +38,15 @@ tau is the model's own temperature (1 / exp(logit_scale)) unless ``score.tau`` i
 ``capgap check-scores`` validates the choices against the synthetic ground truth (AUROC
 per number of attributes named; ``--compare`` scores every certainty option). Issue 16,
 the demo's reference on its ``web`` split: certainty AUROC dual_softmax 0.990, clip
-0.989, margin 0.989, rank 0.982 (10 + 8 epochs; with 5 + 8: 0.911, 0.909, 0.887, 0.863; CSLS, bidirectional margins and the CLIP score
-calibrated per ambiguity level measured no better than clip). margin and rank lose
-terse correct captions, which fit many bank images as well as their own; a softmax
-over the bank at the model's tau does not, and adding the image -> caption direction
-helps a little more (caption -> image alone: 0.908).
+0.989, margin 0.989, rank 0.982 (10 + 8 epochs; with 5 + 8: 0.911, 0.909, 0.887, 0.863).
+``benchmarks/certainty_candidates.py`` scores 21 more definitions on the same embeddings
+(other tau, one direction, CSLS, bidirectional margins, the CLIP score calibrated per
+imbalance level, rank averages; ``docs/results/certainty/``): on this reference, the
+5 + 8 one and the longer 10 + 20 one none beats dual_softmax overall by more than 0.0003
+(within one standard error), nor without falling below clip in a k bucket. margin and
+rank lose terse correct captions, which fit many bank images as well as their own; a
+softmax over the bank at the model's tau does not, and adding the image -> caption
+direction helps a little more (caption -> image alone: 0.908).
 """
 
 from __future__ import annotations
