@@ -70,7 +70,7 @@ from capgap.transforms.cache import new_build_id
 from capgap.transforms.captions import CaptionConfig
 from capgap.transforms.decide import RECAPTION, Decide, DecideConfig
 from capgap.transforms.decode import DecodeConfig, DecodeRecords
-from capgap.transforms.dedup import DropDuplicateUids, FirstRefs
+from capgap.transforms.dedup import DropDuplicateUids, FirstRefs, index_buckets
 from capgap.transforms.embed import EmbedPairs
 from capgap.transforms.readers import ReadConfig, ReadRecords, discover
 from capgap.transforms.readers.discover import input_layout
@@ -218,7 +218,8 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     # Index and bank come from reads of their own (transforms/bank.py), so the main pass
     # below runs from read to write without holding rows at a barrier.
     refs = p | "ReadIndex" >> ReadRecords(plan, INDEX_NAMESPACE, index_only=True)
-    first_refs = refs | "FirstRefs" >> FirstRefs()
+    buckets = index_buckets(len(plan.files), plan.total_bytes())
+    first_refs = refs | "FirstRefs" >> FirstRefs(buckets)
     bank = first_refs | "Bank" >> EmbedBank(
         plan, cfg.decode, cfg.caption, model_cfg, cfg.score, bank_embed
     )

@@ -16,36 +16,84 @@ derived record goes on as ``<shard>#N#derived`` instead of becoming a duplicate.
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 
 from capgap.transforms.readers import record_ref
 from capgap.transforms.readers.record import is_derived, renamed_derived
 from capgap.transforms.reasons import Reason, Stage, error_row
 from capgap.transforms.schema import ERRORS
 
+#: Buckets of :class:`FirstRefs` at least; see :func:`index_buckets`.
+MIN_BUCKETS = 64
+#: (uid, ref) pairs a :class:`_BucketRefsFn` holds before it sends its lists on.
+_MAX_HELD = 1 << 16
 
-class _FirstRef(beam.CombineFn):
-    """(count, smallest (source, index)) of one uid's records, a record with a real uid
-    before one whose uid is derived; order-independent. Inputs: (derived?, ref)."""
 
-    def create_accumulator(self):
-        return 0, None
+def index_buckets(files: int, total_bytes: int) -> int:
+    """How many buckets :class:`FirstRefs` spreads the uids of an input over: at least
+    :data:`MIN_BUCKETS`, one per input file, and one per GiB of input, so that a bucket (held
+    in one worker's memory while it is counted) holds the uids of about one shard or one
+    GiB of input, whichever is less."""
+    return max(MIN_BUCKETS, files, -(-total_bytes // (1 << 30)))
 
-    def add_input(self, acc, flagged_ref):
-        count, best = acc
-        return count + 1, flagged_ref if best is None or flagged_ref < best else best
 
-    def merge_accumulators(self, accs):
-        count, best = 0, None
-        for c, flagged_ref in accs:
-            count += c
-            if flagged_ref is not None and (best is None or flagged_ref < best):
-                best = flagged_ref
-        return count, best
+def _bucket(uid: str, buckets: int) -> int:
+    """A uid's bucket: the same in every process (unlike ``hash``)."""
+    return zlib.crc32(uid.encode("utf-8", "backslashreplace")) % buckets
 
-    def extract_output(self, acc):
-        count, best = acc
-        return count, None if best is None else tuple(best[1])
+
+class _BucketRefsFn(beam.DoFn):
+    """(uid, ref) pairs -> (bucket, [(uid, (derived?, ref)), ...]) lists, one per bucket per
+    bundle (or per :data:`_MAX_HELD` pairs), so that the shuffle moves lists, not pairs."""
+
+    def __init__(self, buckets: int) -> None:
+        self.buckets = buckets
+
+    def start_bundle(self) -> None:
+        self._lists: dict[int, list] = {}
+        self._held = 0
+
+    def process(self, element) -> Iterator[tuple[int, list]]:
+        uid, ref = element
+        ref = tuple(ref)
+        self._lists.setdefault(_bucket(uid, self.buckets), []).append(
+            (uid, (is_derived(uid, ref), ref))
+        )
+        self._held += 1
+        if self._held >= _MAX_HELD:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        for kv in self._flush():
+            yield GlobalWindows.windowed_value_at_end_of_window(kv)
+
+    def _flush(self) -> list[tuple[int, list]]:
+        out = list(self._lists.items())
+        self._lists, self._held = {}, 0
+        return out
+
+
+def _first_refs(bucket_lists) -> Iterator[tuple[str, tuple[int, tuple]]]:
+    """One bucket's lists -> (uid, (count, smallest ref)) per uid: a record with a real uid
+    before one whose uid is derived, then the smallest (source, index); order-independent."""
+    _, lists = bucket_lists
+    seen: dict[str, list] = {}
+    for entries in lists:
+        for uid, flagged_ref in entries:
+            known = seen.get(uid)
+            if known is None:
+                seen[uid] = [1, flagged_ref]
+            else:
+                known[0] += 1
+                if flagged_ref < known[1]:
+                    known[1] = flagged_ref
+    for uid, (count, flagged_ref) in seen.items():
+        yield uid, (count, flagged_ref[1])
 
 
 class _DropDuplicatesFn(beam.DoFn):
@@ -74,14 +122,25 @@ class _DropDuplicatesFn(beam.DoFn):
 
 class FirstRefs(beam.PTransform):
     """(uid, ref) pairs (``ReadRecords(index_only=True)``) -> (uid, (number of records,
-    smallest ref)) for every uid."""
+    smallest ref)) for every uid.
+
+    The pairs are gathered into lists per bucket of uids (:func:`index_buckets`; ``buckets``
+    of them) where they are read, and each bucket is counted in one place: a pair costs a
+    list append rather than a keyed combine of its own through the shuffle.
+    """
+
+    def __init__(self, buckets: int = MIN_BUCKETS) -> None:
+        super().__init__()
+        if buckets < 1:
+            raise ValueError("FirstRefs needs at least one bucket")
+        self.buckets = buckets
 
     def expand(self, refs):
         return (
             refs
-            | "FlagDerived"
-            >> beam.Map(lambda kv: (kv[0], (is_derived(kv[0], kv[1]), tuple(kv[1]))))
-            | "FirstRef" >> beam.CombinePerKey(_FirstRef())
+            | "Bucket" >> beam.ParDo(_BucketRefsFn(self.buckets))
+            | "ByBucket" >> beam.GroupByKey()
+            | "FirstRef" >> beam.FlatMap(_first_refs)
         )
 
 

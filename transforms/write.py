@@ -79,15 +79,30 @@ def record_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatc
     ``row["columns"]`` (None when neither holds it); image bytes become
     :data:`~capgap.transforms.schema.IMAGE_TYPE` cells.
     """
+    passthrough = [row.get("columns") or {} for row in rows]
     arrays = []
     for name, tp in zip(schema.names, schema.types, strict=True):
         values = [
-            row[name] if name in row else (row.get("columns") or {}).get(name) for row in rows
+            row[name] if name in row else extra.get(name)
+            for row, extra in zip(rows, passthrough, strict=True)
         ]
         if tp == IMAGE_TYPE:
-            values = [image_cell(v) if isinstance(v, bytes) else v for v in values]
-        arrays.append(pa.array(values, type=tp))
+            arrays.append(_image_array(values))
+        else:
+            arrays.append(pa.array(values, type=tp))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _image_array(values: list[Any]) -> pa.Array:
+    """An IMAGE_TYPE column: bytes become cells (path null), cells and None stay as they are.
+    All bytes (every curated row): the struct is assembled from one binary array rather
+    than converted from a dict a row."""
+    if all(type(v) is bytes for v in values):
+        data = pa.array(values, type=pa.binary())
+        return pa.StructArray.from_arrays(
+            [data, pa.nulls(len(values), pa.string())], fields=list(IMAGE_TYPE)
+        )
+    return pa.array([image_cell(v) if isinstance(v, bytes) else v for v in values], IMAGE_TYPE)
 
 
 class ArrowTableCoder(beam.coders.Coder):
