@@ -12,6 +12,7 @@ derived record goes on as ``<shard>#N#derived`` instead of becoming a duplicate.
 
     first_refs = refs | FirstRefs()
     unique = records | DropDuplicateUids(first_refs)   # unique.ok, unique[ERRORS]
+    decoded = records | DedupDecode(first_refs, DecodeConfig(), CaptionConfig())  # one step
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
 
+from capgap.transforms.captions import CaptionConfig
+from capgap.transforms.decode import DecodeConfig, DecodeFn
 from capgap.transforms.readers import record_ref
 from capgap.transforms.readers.record import is_derived, renamed_derived
 from capgap.transforms.reasons import Reason, Stage, error_row
@@ -96,28 +99,54 @@ def _first_refs(bucket_lists) -> Iterator[tuple[str, tuple[int, tuple]]]:
         yield uid, (count, flagged_ref[1])
 
 
+def check_duplicate(
+    element: tuple[str, dict[str, Any]], duplicates: dict[str, tuple]
+) -> tuple[tuple[str, dict[str, Any]] | None, dict[str, Any] | None]:
+    """(element to go on, None), or (None, its ``duplicate_uid`` errors/ row) when it is a
+    later record of a uid; ``duplicates``: {uid: first ref} of the uids seen more than once.
+    A derived uid equal to a real one goes on renamed."""
+    uid, record = element
+    keep = duplicates.get(uid)
+    if keep is None:
+        return element, None
+    ref = record_ref(record)
+    if keep == tuple(ref):
+        return element, None
+    if is_derived(uid, ref):  # a real uid of the input equals this derived one
+        uid = renamed_derived(uid)
+        return (uid, {**record, "uid": uid}), None
+    message = f"uid {uid!r} first seen at {keep[0]}#{keep[1]}"
+    return None, error_row(record, Stage.DEDUP, Reason.DUPLICATE_UID, "DuplicateUid", message)
+
+
 class _DropDuplicatesFn(beam.DoFn):
     def process(self, element, duplicates):
-        uid, record = element
-        keep = duplicates.get(uid)
-        ref = record_ref(record)
-        if keep is not None and keep != tuple(ref):
-            if is_derived(uid, ref):  # a real uid of the input equals this derived one
-                uid = renamed_derived(uid)
-                yield uid, {**record, "uid": uid}
-                return
-            yield beam.pvalue.TaggedOutput(
-                ERRORS,
-                error_row(
-                    record,
-                    Stage.DEDUP,
-                    Reason.DUPLICATE_UID,
-                    "DuplicateUid",
-                    f"uid {uid!r} first seen at {keep[0]}#{keep[1]}",
-                ),
-            )
+        kept, error = check_duplicate(element, duplicates)
+        if error is not None:
+            yield beam.pvalue.TaggedOutput(ERRORS, error)
+        else:
+            yield kept
+
+
+class _DedupDecodeFn(DecodeFn):
+    """:class:`_DropDuplicatesFn` then :class:`~capgap.transforms.decode.DecodeFn` in one
+    step: a record crosses one Beam element boundary for both."""
+
+    def process(self, element, duplicates):
+        kept, error = check_duplicate(element, duplicates)
+        if error is not None:
+            yield beam.pvalue.TaggedOutput(ERRORS, error)
             return
-        yield element
+        yield from super().process(kept)
+
+
+def repeated_uids(first_refs):
+    """:class:`FirstRefs` -> (uid, first ref) of the uids with more than one record."""
+    return (
+        first_refs
+        | "OnlyRepeated" >> beam.Filter(lambda kv: kv[1][0] > 1)
+        | "KeepRef" >> beam.Map(lambda kv: (kv[0], kv[1][1]))
+    )
 
 
 class FirstRefs(beam.PTransform):
@@ -162,11 +191,23 @@ class DropDuplicateUids(beam.PTransform):
         if first_refs is None:
             refs = records | "Refs" >> beam.Map(lambda kv: (kv[0], record_ref(kv[1])))
             first_refs = refs | "Index" >> FirstRefs()
-        duplicates = (
-            first_refs
-            | "OnlyRepeated" >> beam.Filter(lambda kv: kv[1][0] > 1)
-            | "KeepRef" >> beam.Map(lambda kv: (kv[0], kv[1][1]))
-        )
+        duplicates = repeated_uids(first_refs)
         return records | "DropDuplicates" >> beam.ParDo(
             _DropDuplicatesFn(), duplicates=beam.pvalue.AsDict(duplicates)
+        ).with_outputs(ERRORS, main="ok")
+
+
+class DedupDecode(beam.PTransform):
+    """:class:`DropDuplicateUids` and :class:`~capgap.transforms.decode.DecodeRecords` as one
+    step: (uid, record) -> tagged ``ok`` (uid, pair) and ``errors`` rows (duplicates, read
+    and decode failures). ``first_refs``: :class:`FirstRefs` of the same records."""
+
+    def __init__(self, first_refs, decode: DecodeConfig, caption: CaptionConfig) -> None:
+        super().__init__()
+        self.first_refs, self.decode, self.caption = first_refs, decode, caption
+
+    def expand(self, records):
+        duplicates = repeated_uids(self.first_refs)
+        return records | "DedupDecode" >> beam.ParDo(
+            _DedupDecodeFn(self.decode, self.caption), duplicates=beam.pvalue.AsDict(duplicates)
         ).with_outputs(ERRORS, main="ok")
