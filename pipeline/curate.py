@@ -5,7 +5,7 @@ Data flow (see docs in README / DESIGN.md)::
     index pass: read uids + refs (Parquet: the uid column)     -> duplicates, bank candidates
     bank pass: read the candidates' rows, decode, embed        -> reference bank (side input)
     main pass: read (Parquet | WebDataset tar | HF datasets dir | CSV) -> (uid, record)
-    drop duplicate uids, decode + validate one at a time       -> (uid, pair)  | errors
+    drop duplicate uids, decode + validate one at a time (one step) -> (uid, pair) | errors
     CLIP embed: RunInference(KeyedModelHandler(ClipModelHandler))  | errors
     scores against the bank                                    -> clip_score, certainty, imbalance
     decide: keep | drop (rejected/) | recaption
@@ -69,8 +69,8 @@ from capgap.transforms.bank import INDEX_NAMESPACE, EmbedBank, bank_summary
 from capgap.transforms.cache import new_build_id
 from capgap.transforms.captions import CaptionConfig
 from capgap.transforms.decide import RECAPTION, Decide, DecideConfig
-from capgap.transforms.decode import DecodeConfig, DecodeRecords
-from capgap.transforms.dedup import DropDuplicateUids, FirstRefs
+from capgap.transforms.decode import DecodeConfig
+from capgap.transforms.dedup import DedupDecode, FirstRefs, index_buckets
 from capgap.transforms.embed import EmbedPairs
 from capgap.transforms.readers import ReadConfig, ReadRecords, discover
 from capgap.transforms.readers.discover import input_layout
@@ -218,13 +218,14 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     # Index and bank come from reads of their own (transforms/bank.py), so the main pass
     # below runs from read to write without holding rows at a barrier.
     refs = p | "ReadIndex" >> ReadRecords(plan, INDEX_NAMESPACE, index_only=True)
-    first_refs = refs | "FirstRefs" >> FirstRefs()
+    buckets = index_buckets(len(plan.files), plan.total_bytes())
+    first_refs = refs | "FirstRefs" >> FirstRefs(buckets)
     bank = first_refs | "Bank" >> EmbedBank(
         plan, cfg.decode, cfg.caption, model_cfg, cfg.score, bank_embed
     )
     records = p | "Read" >> ReadRecords(plan)
-    unique = records | "Dedup" >> DropDuplicateUids(first_refs)
-    decoded = unique.ok | "Decode" >> DecodeRecords(cfg.decode, cfg.caption)
+    # Duplicate uids out, then decode + validate, in one step (one element boundary a row).
+    decoded = records | "DedupDecode" >> DedupDecode(first_refs, cfg.decode, cfg.caption)
     embedded = decoded.ok | "Embed" >> main_embed
     scored = embedded["ok"] | "Score" >> ScorePairs(cfg.score, bank)
     decided = scored | "Decide" >> Decide(cfg.decide, recaption_stage=recaption_on)
@@ -237,11 +238,7 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     else:
         curated = decided["keep"]  # rows marked recaption included, status "disabled"
     rejected = decided["drop"]
-    errors = (
-        unique[ERRORS],
-        decoded[ERRORS],
-        embedded[ERRORS],
-    ) | "Errors" >> beam.Flatten()
+    errors = (decoded[ERRORS], embedded[ERRORS]) | "Errors" >> beam.Flatten()
 
     # One schema for curated/ and rejected/ (the recaption columns null on rejected rows).
     schema = row_schema(

@@ -18,11 +18,12 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from capgap.models.clip_handler import ClipModelConfig
 from capgap.pipeline.synth import SCHEMA, SplitConfig, make_row
-from capgap.transforms.bank import EmbedBank, candidate_count, uid_hash
+from capgap.transforms.bank import BankCandidates, EmbedBank, candidate_count, uid_hash
 from capgap.transforms.captions import CaptionConfig
 from capgap.transforms.decode import DecodeConfig
 from capgap.transforms.dedup import FirstRefs
 from capgap.transforms.readers import ReadConfig, ReadRecords, discover
+from capgap.transforms.readers.record import is_derived
 from capgap.transforms.score import ScoreConfig
 
 N_ROWS = 20
@@ -70,3 +71,34 @@ def test_without_spares_a_failed_candidate_shrinks_the_bank(bank_input):
 def test_oversample_below_one_is_refused():
     with pytest.raises(ValueError, match="bank_oversample"):
         ScoreConfig(bank_oversample=0.9)
+
+
+def _reference_first_refs(pairs):
+    """(uid, (count, first ref)) by brute force: a real uid's record before a derived one's,
+    then the smallest (source, index)."""
+    out = {}
+    for uid, ref in pairs:
+        flagged = (is_derived(uid, ref), ref)
+        count, best = out.get(uid, (0, flagged))
+        out[uid] = (count + 1, min(best, flagged))
+    return sorted((uid, (count, flagged[1])) for uid, (count, flagged) in out.items())
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 64])
+def test_first_refs_count_each_uid_whatever_the_buckets(buckets):
+    pairs = [(f"u{i % 37}", (f"s{i % 3}", i)) for i in range(150)]
+    pairs += [("s1#4", ("s1", 4)), ("s1#4", ("s0", 9))]  # derived at s1#4 vs a real "s1#4"
+    with TestPipeline() as p:
+        out = p | beam.Create(pairs) | FirstRefs(buckets)
+        assert_that(out, equal_to(_reference_first_refs(pairs)))
+    assert _reference_first_refs(pairs)[-1] == ("u9", (4, ("s0", 9)))
+    assert dict(_reference_first_refs(pairs))["s1#4"] == (2, ("s0", 9))
+
+
+def test_bank_candidates_are_the_smallest_salted_hashes():
+    score = ScoreConfig(bank_size=4, bank_oversample=1.5)  # 6 candidates
+    first_refs = [(f"u{i}", (1, ("s", i))) for i in range(40)]
+    order = sorted(first_refs, key=lambda kv: (uid_hash(kv[0], score.bank_salt), kv[0]))
+    with TestPipeline() as p:
+        picked = p | beam.Create(first_refs, reshuffle=False) | BankCandidates(score)
+        assert_that(picked, equal_to([{uid: ref for uid, (_, ref) in order[:6]}]))

@@ -27,7 +27,7 @@ from capgap.transforms.decode import (
     exif_orientation,
     resolve_image_path,
 )
-from capgap.transforms.dedup import DropDuplicateUids
+from capgap.transforms.dedup import DedupDecode, DropDuplicateUids, FirstRefs
 from capgap.transforms.readers import make_record
 from capgap.transforms.reasons import Reason, RecordError
 
@@ -448,6 +448,48 @@ def test_duplicate_uids_keep_the_first_by_source_and_index():
             out.errors | beam.Map(lambda r: (r["source"], r["source_index"], r["reason"])),
             equal_to([("s2", 0, "duplicate_uid"), ("s1", 7, "duplicate_uid")]),
             label="dups",
+        )
+
+
+def test_dedup_decode_in_one_step_matches_dedup_then_decode():
+    image = encode(Image.new("RGB", (32, 32), (200, 30, 30)))
+    records = [
+        make_record(uid="a", source="s2", index=0, image=image, caption="x"),
+        make_record(uid="a", source="s1", index=5, image=image, caption="y"),
+        make_record(uid="s1#3", source="s1", index=3, image=image, caption="derived"),
+        make_record(uid="s1#3", source="s0", index=0, image=image, caption="real"),
+        make_record(uid="b", source="s1", index=1, image=b"broken", caption="w"),
+        make_record(uid="b", source="s1", index=2, image=image, caption="later copy"),
+    ]
+    elements = [(r["uid"], r) for r in records]
+    refs = [(uid, (r["source"], r["source_index"])) for uid, r in elements]
+    key = {"ok": lambda kv: (kv[0], kv[1]["caption"]), "errors": lambda r: (r["uid"], r["reason"])}
+    expected = {
+        "ok": [("a", "y"), ("s1#3#derived", "derived"), ("s1#3", "real")],
+        "errors": [("a", "duplicate_uid"), ("b", "image_undecodable"), ("b", "duplicate_uid")],
+    }
+    with TestPipeline() as p:
+        first_refs = p | "Refs" >> beam.Create(refs) | FirstRefs(2)
+        fused = (
+            p
+            | "Records" >> beam.Create(elements)
+            | DedupDecode(first_refs, DecodeConfig(), CaptionConfig())
+        )
+        unique = p | "Records2" >> beam.Create(elements) | DropDuplicateUids()
+        apart = unique.ok | DecodeRecords(DecodeConfig(), CaptionConfig())
+        for tag in ("ok", "errors"):
+            assert_that(
+                fused[tag] | f"K{tag}" >> beam.Map(key[tag]),
+                equal_to(expected[tag]),
+                label=f"fused_{tag}",
+            )
+        assert_that(
+            apart.ok | "Kapart" >> beam.Map(key["ok"]), equal_to(expected["ok"]), label="apart_ok"
+        )
+        assert_that(
+            (unique.errors, apart.errors) | beam.Flatten() | "Kerr" >> beam.Map(key["errors"]),
+            equal_to(expected["errors"]),
+            label="apart_errors",
         )
 
 

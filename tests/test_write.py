@@ -19,6 +19,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from capgap.transforms.schema import IMAGE_TYPE
 from capgap.transforms.wds_write import WriteWebDataset, sample_key
 from capgap.transforms.write import (
+    ArrowTableCoder,
     RowsToArrowFn,
     WriteConfig,
     WriteParquet,
@@ -151,3 +152,15 @@ def test_clear_outputs_removes_card_and_tar_shards(tmp_path):
     (tmp_path / "keep.txt").write_text("not ours")
     clear_outputs(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+
+
+def test_arrow_tables_cross_beam_as_ipc_streams_sized_without_encoding():
+    schema = pa.schema([pa.field("uid", pa.string())], metadata={b"k": b"v"})
+    table = pa.table({"uid": ["a", None, "c"]}, schema=schema)
+    coder = beam.coders.registry.get_coder(pa.Table)
+    assert isinstance(coder, ArrowTableCoder)
+    assert coder.decode(coder.encode(table)).equals(table, check_metadata=True)
+    assert coder.estimate_size(table) == table.nbytes
+    p = beam.Pipeline()
+    tables = p | beam.Create([{"uid": "a"}]) | beam.ParDo(RowsToArrowFn(schema))
+    assert tables.element_type is pa.Table  # so the registered coder is the PCollection's

@@ -2,10 +2,10 @@
 
 :class:`CountOutcomes` takes the three final PCollections (curated, rejected,
 errors rows), bumps ``Metrics.counter("capgap", "<outcome>")`` and
-``"<outcome>.<reason>"`` per row (visible live in the runner's UI and printed at
-the end of ``capgap curate``), and returns a single dict of exact counts for the
-manifest. The readers count ``rows_in``; ``rows_in == curated + rejected +
-errors`` is the invariant of a build.
+``"<outcome>.<reason>"`` (visible live in the runner's UI and printed at the end of
+``capgap curate``), and returns a single dict of exact counts for the manifest. The readers count ``rows_in``; ``rows_in == curated + rejected +
+errors`` is the invariant of a build. Rows are tallied per bundle (one dict increment a
+row), so the live counters move once per bundle.
 """
 
 from __future__ import annotations
@@ -17,29 +17,11 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.transforms.window import GlobalWindows
 
 from capgap.transforms.reasons import Outcome
 
 NAMESPACE = "capgap"
-
-
-class _CountFn(beam.DoFn):
-    """Bumps the live counters of one outcome (the exact counts come from :class:`_KeyCounts`)."""
-
-    def __init__(self, outcome: Outcome) -> None:
-        self.outcome = Outcome(outcome).value
-        self._counters: dict[str, Any] = {}
-
-    def _inc(self, name: str) -> None:
-        counter = self._counters.get(name)
-        if counter is None:
-            counter = self._counters[name] = Metrics.counter(NAMESPACE, name)
-        counter.inc()
-
-    def process(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        self._inc(self.outcome)
-        self._inc(f"{self.outcome}.{row['reason']}")
-        yield row
 
 
 def outcome_keys(outcome: str, row: dict[str, Any]) -> list[str]:
@@ -51,17 +33,57 @@ def outcome_keys(outcome: str, row: dict[str, Any]) -> list[str]:
     return keys
 
 
-class _KeyCounts(beam.CombineFn):
-    """Rows of one outcome -> {key: rows}. Combined where the rows are (no row is shuffled)."""
+class _TallyFn(beam.DoFn):
+    """Rows of one outcome -> one ``{key: rows}`` dict per bundle (:func:`outcome_keys`), and
+    the live counters ``<outcome>`` and ``<outcome>.<reason>`` bumped once per bundle.
+
+    A row costs one dict increment here: the keys are built, and the counters bumped, per
+    distinct (reason, decision, caption source) of the bundle, not per row.
+    """
 
     def __init__(self, outcome: Outcome) -> None:
         self.outcome = Outcome(outcome).value
+        self._detailed = self.outcome == Outcome.CURATED.value
+
+    def start_bundle(self) -> None:
+        self._tally: Counter = Counter()
+
+    def process(self, row: dict[str, Any]) -> Iterator[dict[str, int]]:
+        if self._detailed:
+            self._tally[row["reason"], row["decision"], row["caption_source"]] += 1
+        else:
+            self._tally[row["reason"]] += 1
+        return ()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        if not self._tally:
+            return
+        counts: Counter = Counter()
+        by_reason: Counter = Counter()
+        for tally_key, n in self._tally.items():
+            if self._detailed:
+                reason, decision, source = tally_key
+                row = {"reason": reason, "decision": decision, "caption_source": source}
+            else:
+                reason, row = tally_key, {"reason": tally_key}
+            by_reason[reason] += n
+            for key in outcome_keys(self.outcome, row):
+                counts[key] += n
+        for reason, n in by_reason.items():
+            Metrics.counter(NAMESPACE, f"{self.outcome}.{reason}").inc(n)
+        Metrics.counter(NAMESPACE, self.outcome).inc(sum(by_reason.values()))
+        self._tally = Counter()
+        yield GlobalWindows.windowed_value_at_end_of_window(dict(counts))
+
+
+class _SumCounts(beam.CombineFn):
+    """Per-bundle ``{key: rows}`` dicts -> their sum."""
 
     def create_accumulator(self) -> Counter:
         return Counter()
 
-    def add_input(self, acc: Counter, row: dict[str, Any]) -> Counter:
-        acc.update(outcome_keys(self.outcome, row))
+    def add_input(self, acc: Counter, counts: dict[str, int]) -> Counter:
+        acc.update(counts)
         return acc
 
     def merge_accumulators(self, accs) -> Counter:
@@ -91,29 +113,23 @@ def counts_from_pairs(pairs: list[tuple[str, int]]) -> dict[str, Any]:
     return out
 
 
-def _merge_counts(per_outcome: list[dict[str, int]]) -> dict[str, Any]:
-    return counts_from_pairs([pair for counts in per_outcome for pair in counts.items()])
-
-
 class CountOutcomes(beam.PTransform):
     """{outcome: rows} -> a single counts dict (see :func:`counts_from_pairs`).
 
-    Each outcome's rows are counted where they are (a combine, lifted into the stage that
-    makes them); only the three small dicts of counts meet.
+    Each outcome's rows are tallied where they are, one dict per bundle (no row is
+    shuffled, and a row crosses one step); only those small dicts meet.
     """
 
     def expand(self, branches: dict[str, Any]):
         per_outcome = [
-            branches[o.value]
-            | f"Counters{o.value.title()}" >> beam.ParDo(_CountFn(o))
-            | f"Count{o.value.title()}" >> beam.CombineGlobally(_KeyCounts(o))
+            branches[o.value] | f"Tally{o.value.title()}" >> beam.ParDo(_TallyFn(o))
             for o in Outcome
         ]
         return (
             per_outcome
             | "AllOutcomes" >> beam.Flatten()
-            | "ToList" >> beam.combiners.ToList()
-            | "AsCounts" >> beam.Map(_merge_counts)
+            | "Sum" >> beam.CombineGlobally(_SumCounts())
+            | "AsCounts" >> beam.Map(lambda counts: counts_from_pairs(list(counts.items())))
         )
 
 

@@ -34,11 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.transforms.window import GlobalWindows
 
 from capgap.models.clip_handler import ClipModelConfig
 from capgap.transforms.captions import CaptionConfig
@@ -62,21 +65,64 @@ def candidate_count(cfg: ScoreConfig) -> int:
     return math.ceil(cfg.bank_size * cfg.bank_oversample)
 
 
+class _SmallestHashesFn(beam.DoFn):
+    """:class:`FirstRefs` pairs -> the bundle's ``n`` smallest (uid hash, uid, ref), sorted,
+    as one list; the hash is computed here, and the running list is cut back to ``n`` by
+    ``heapq.nsmallest`` (plain tuples, compared in C) whenever it reaches ``2 n``."""
+
+    def __init__(self, n: int, salt: str) -> None:
+        self.n, self.salt = n, salt
+
+    def start_bundle(self) -> None:
+        self._entries: list[tuple] = []
+
+    def process(self, element) -> Iterator[Any]:
+        uid, (_, ref) = element
+        self._entries.append((uid_hash(uid, self.salt), uid, ref))
+        if len(self._entries) >= 2 * self.n:
+            self._entries = heapq.nsmallest(self.n, self._entries)
+        return ()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        if self._entries:
+            smallest = heapq.nsmallest(self.n, self._entries)
+            self._entries = []
+            yield GlobalWindows.windowed_value_at_end_of_window(smallest)
+
+
+class _MergeSmallest(beam.CombineFn):
+    """Sorted lists of (hash, uid, ref) -> the ``n`` smallest of them all, as ``{uid: ref}``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def create_accumulator(self) -> list[tuple]:
+        return []
+
+    def add_input(self, acc: list[tuple], entries: list[tuple]) -> list[tuple]:
+        return heapq.nsmallest(self.n, [*acc, *entries])
+
+    def merge_accumulators(self, accs) -> list[tuple]:
+        return heapq.nsmallest(self.n, [e for acc in accs for e in acc])
+
+    def extract_output(self, acc: list[tuple]) -> dict[str, Any]:
+        return {uid: ref for _, uid, ref in acc}
+
+
 class BankCandidates(beam.PTransform):
-    """:class:`FirstRefs` pairs -> one ``{uid: first ref}`` dict of the bank candidates."""
+    """:class:`FirstRefs` pairs -> one ``{uid: first ref}`` dict of the bank candidates: the
+    ``candidate_count`` uids with the smallest (salted hash, uid)."""
 
     def __init__(self, cfg: ScoreConfig) -> None:
         super().__init__()
         self.cfg = cfg
 
     def expand(self, first_refs):
-        salt = self.cfg.bank_salt
+        n = candidate_count(self.cfg)
         return (
             first_refs
-            | "Hashed" >> beam.Map(lambda kv: (uid_hash(kv[0], salt), kv[0], kv[1][1]))
-            | "Smallest"
-            >> beam.combiners.Top.Smallest(candidate_count(self.cfg), key=lambda e: e[:2])
-            | "AsDict" >> beam.Map(lambda entries: {uid: ref for _, uid, ref in entries})
+            | "SmallestPerBundle" >> beam.ParDo(_SmallestHashesFn(n, self.cfg.bank_salt))
+            | "Smallest" >> beam.CombineGlobally(_MergeSmallest(n))
         )
 
 

@@ -89,11 +89,14 @@ def normalise_caption(raw: Any, cfg: CaptionConfig) -> tuple[str, list[str]]:
         )
     if text.isascii() and text.isprintable():
         # Printable ASCII (most alt-text) holds no control or invisible characters and is
-        # its own NFC form: only the whitespace is left to collapse.
+        # its own NFC form: only the whitespace is left to collapse, and every character
+        # left after that draws something.
         text = " ".join(text.split())
+        visible = bool(text)
     else:
         text = " ".join(unicodedata.normalize("NFC", _visible(text)).split())
-    if not text or not any(_shows(ch) for ch in text):
+        visible = any(_shows(ch) for ch in text)
+    if not visible:
         raise RecordError(Reason.CAPTION_EMPTY, "caption has no visible character")
     if len(text) > cfg.max_chars:
         if cfg.on_too_long == "reject":

@@ -492,6 +492,14 @@ class DecodeFn(beam.DoFn):
         raise_bomb_warnings()
         self.ok = Metrics.counter(self.namespace, "decoded")
 
+    def start_bundle(self) -> None:
+        self._decoded = 0  # counted here, bumped once a bundle (an inc() costs ~1 us)
+
+    def finish_bundle(self) -> None:
+        if self._decoded:
+            self.ok.inc(self._decoded)
+            self._decoded = 0
+
     def process(self, element: tuple[str, dict]) -> Iterator[Any]:
         uid, record = element
         try:
@@ -514,7 +522,7 @@ class DecodeFn(beam.DoFn):
                 ),
             )
             return
-        self.ok.inc()
+        self._decoded += 1
         yield uid, pair
 
 

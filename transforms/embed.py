@@ -37,7 +37,8 @@ class _EmbeddedRowFn(beam.DoFn):
 
     def process(self, element) -> Iterator[Any]:
         uid, result = element
-        pair = {k: v for k, v in result.example.items() if k != "pixels"}
+        pair = dict(result.example)
+        pair.pop("pixels", None)
         inference = result.inference
         img, txt = inference["image_embedding"], inference["text_embedding"]
         if not inference["finite"]:

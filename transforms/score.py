@@ -285,10 +285,13 @@ class _ScoreFn(beam.DoFn):
             exclude=[self._index.get(uid) for uid, _ in batch],
             bank_texts=bank.get("texts"),
         )
+        columns = [(name, values.tolist()) for name, values in scores.items()]
         for i, (uid, row) in enumerate(batch):
-            out = {k: v for k, v in row.items() if k not in _MODEL_ONLY}
-            for name, values in scores.items():
-                out[name] = float(values[i])
+            out = dict(row)  # a copy without the model-only keys, in C rather than a comprehension
+            for key in _MODEL_ONLY:
+                out.pop(key, None)
+            for name, values in columns:
+                out[name] = values[i]
             yield uid, out
         self.scored.inc(len(batch))
 

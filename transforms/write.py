@@ -79,17 +79,63 @@ def record_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatc
     ``row["columns"]`` (None when neither holds it); image bytes become
     :data:`~capgap.transforms.schema.IMAGE_TYPE` cells.
     """
+    passthrough = [row.get("columns") or {} for row in rows]
     arrays = []
     for name, tp in zip(schema.names, schema.types, strict=True):
         values = [
-            row[name] if name in row else (row.get("columns") or {}).get(name) for row in rows
+            row[name] if name in row else extra.get(name)
+            for row, extra in zip(rows, passthrough, strict=True)
         ]
         if tp == IMAGE_TYPE:
-            values = [image_cell(v) if isinstance(v, bytes) else v for v in values]
-        arrays.append(pa.array(values, type=tp))
+            arrays.append(_image_array(values))
+        else:
+            arrays.append(pa.array(values, type=tp))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
+def _image_array(values: list[Any]) -> pa.Array:
+    """An IMAGE_TYPE column: bytes become cells (path null), cells and None stay as they are.
+    All bytes (every curated row): the struct is assembled from one binary array rather
+    than converted from a dict a row."""
+    if all(type(v) is bytes for v in values):
+        data = pa.array(values, type=pa.binary())
+        return pa.StructArray.from_arrays(
+            [data, pa.nulls(len(values), pa.string())], fields=list(IMAGE_TYPE)
+        )
+    return pa.array([image_cell(v) if isinstance(v, bytes) else v for v in values], IMAGE_TYPE)
+
+
+class ArrowTableCoder(beam.coders.Coder):
+    """pyarrow Tables as Arrow IPC streams (schema metadata kept), sized by ``Table.nbytes``.
+
+    Registered for ``pa.Table`` below. Without it a PCollection of Tables gets Beam's pickle
+    fallback, and the runner's size sampling (every one of the first elements of each
+    PCollection) pickles whole row groups, image bytes and all: a copy of every curated row.
+    """
+
+    def encode(self, table: pa.Table) -> bytes:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return sink.getvalue().to_pybytes()
+
+    def decode(self, encoded: bytes) -> pa.Table:
+        return pa.ipc.open_stream(encoded).read_all()
+
+    def estimate_size(self, table: pa.Table) -> int:
+        return table.nbytes
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def to_type_hint(self):
+        return pa.Table
+
+
+beam.coders.registry.register_coder(pa.Table, ArrowTableCoder)
+
+
+@beam.typehints.with_output_types(pa.Table)
 class RowsToArrowFn(beam.DoFn):
     """Row dicts -> pyarrow Tables, each one Parquet row group of about ``row_group_bytes``.
 

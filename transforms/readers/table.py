@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from capgap.transforms.readers.base import _ReadFn
-from capgap.transforms.readers.record import _error
+from capgap.transforms.readers.record import _error, _is_utf8
 from capgap.transforms.reasons import Reason
 
 
@@ -103,6 +103,9 @@ class _TableRows:
                     )
                 )
         self.uid_col = plan.uid_column if plan.uid_column in names else None
+        # Arrow's strings are valid UTF-8 (``_pylist`` escapes what is not), so a record needs
+        # ``_make_encodable`` only for text from the shard's name (its source, derived uids).
+        self.encodable = _is_utf8(source)
         self.image_root = fn._root(path)
         cfg = plan.config
         self.status_cols = None
@@ -135,7 +138,10 @@ class _TableRows:
         if self.fn.index_only:
             for uid, index in zip(uids, positions, strict=True):
                 yield self.fn._emit(
-                    uid=self.fn._uid(uid, self.source, index), source=self.source, index=index
+                    self.encodable,
+                    uid=self.fn._uid(uid, self.source, index),
+                    source=self.source,
+                    index=index,
                 )
             return
         columns, cast_problem = self._passthrough(table)
@@ -169,7 +175,9 @@ class _TableRows:
                 kwargs["error"] = failed[i]
             elif problem:
                 kwargs["error"] = (Reason.COLUMN_TYPE_INVALID.value, "SchemaError", problem)
-            yield self.fn._emit(image=data, image_path=path, image_root=self.image_root, **kwargs)
+            yield self.fn._emit(
+                self.encodable, image=data, image_path=path, image_root=self.image_root, **kwargs
+            )
 
     def _failed(self, table: pa.Table) -> list[tuple[str, str, str] | None]:
         """Per row: the ``source_failed`` error of a row the input's tool marked failed
