@@ -54,7 +54,6 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 from scipy.stats import rankdata
 
-from capgap.core.config import load_config
 from capgap.core.files import expand_paths
 from capgap.pipeline import check_scores, curate
 from capgap.transforms.score import CERTAINTY_METHODS, ScoreConfig, batch_scores
@@ -117,17 +116,8 @@ def embed(
     The graph is :func:`capgap.pipeline.curate.build`'s own, with two sinks added: its
     embedded rows and its bank side input, each to Parquet under ``workdir``.
     """
-    if os.path.isdir(data) and not os.path.exists(os.path.join(data, "dataset_info.json")):
-        data = os.path.join(data, "*.parquet")
     output = os.path.join(workdir, "curate")
-    overrides = [
-        "decide.drop.mode=off",
-        "decide.drop_clip.mode=off",
-        "decide.recaption.mode=off",
-        f"score.bank_size={bank_size}",
-    ]
-    values = {"input": data, "output": output, "reference": reference, "overwrite": True}
-    cfg = load_config(curate.CurateConfig, "curate", overrides, values=values)
+    cfg = check_scores.scoring_config(data, output, reference, bank_size)
     curate.validate(cfg)
     curate.prepare_output(cfg)
     p = beam.Pipeline(options=PipelineOptions(beam_args))
@@ -156,6 +146,8 @@ def embed(
     position = {uid: i for i, uid in enumerate(rows.column("uid").to_pylist())}
     order = np.array([position[uid] for uid in scored["uid"].tolist()])
     bank = _read_vectors(os.path.join(workdir, "bank", "part*")).sort_by("index")
+    if not bank.num_rows:
+        raise SystemExit(f"the build sampled no bank from {data}: nothing to score against")
     return {
         "uid": scored["uid"],
         "mismatched": scored["mismatched"].astype(bool),
@@ -170,7 +162,7 @@ def embed(
         "bank_uid": np.asarray(bank.column("uid").to_pylist()),
         "bank_images": _matrix(bank.column("image_embedding")),
         "bank_texts": _matrix(bank.column("text_embedding")),
-        "tau": np.asarray(bank.column("tau")[0].as_py() if bank.num_rows else 0.01),
+        "tau": np.asarray(bank.column("tau")[0].as_py()),
     }
 
 

@@ -42,6 +42,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,9 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         log("clip-retrieval clip_inference ...")
         try:
             seconds = timed(cmd, env, work / "clip-retrieval.log")
-            n_img = sum(
-                len(__import__("numpy").load(p)) for p in glob.glob(str(emb / "img_emb" / "*.npy"))
-            )
+            n_img = sum(len(np.load(p)) for p in glob.glob(str(emb / "img_emb" / "*.npy")))
             record(
                 "clip-retrieval clip_inference",
                 "image+text embeddings to .npy (no scores, no decision)",

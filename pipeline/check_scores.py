@@ -174,21 +174,27 @@ def evaluate(
     }
 
 
-def run_curate(cfg: CheckScoresConfig, out: str, extra: Sequence[str] = ()) -> None:
-    """Curate ``cfg.data`` into ``out`` with every decision rule off (all rows scored)."""
-    data = cfg.data
+def scoring_config(
+    data: str, out: str, reference: str | None, bank_size: int, extra: Sequence[str] = ()
+) -> curate.CurateConfig:
+    """The curate config that scores every row of ``data`` into ``out``: decision rules off."""
     if os.path.isdir(data) and not os.path.exists(os.path.join(data, "dataset_info.json")):
         data = os.path.join(data, "*.parquet")
     overrides = [
         "decide.drop.mode=off",
         "decide.drop_clip.mode=off",
         "decide.recaption.mode=off",
-        f"score.bank_size={cfg.bank_size}",
-        *cfg.curate_set,
+        f"score.bank_size={bank_size}",
         *extra,
     ]
-    values = {"input": data, "output": out, "reference": cfg.reference, "overwrite": True}
-    curate_cfg = load_config(curate.CurateConfig, "curate", overrides, values=values)
+    values = {"input": data, "output": out, "reference": reference, "overwrite": True}
+    return load_config(curate.CurateConfig, "curate", overrides, values=values)
+
+
+def run_curate(cfg: CheckScoresConfig, out: str, extra: Sequence[str] = ()) -> None:
+    """Curate ``cfg.data`` into ``out`` with every decision rule off (all rows scored)."""
+    extra = [*cfg.curate_set, *extra]
+    curate_cfg = scoring_config(cfg.data, out, cfg.reference, cfg.bank_size, extra)
     curate.run_config(curate_cfg, cfg.beam_args)
 
 
