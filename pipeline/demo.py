@@ -40,7 +40,7 @@ from capgap.core.config import (
 from capgap.core.files import expand_paths
 from capgap.pipeline import curate, synth
 from capgap.pipeline.evaluate import EvalConfig, evaluate
-from capgap.pipeline.jobs import run_side_by_side
+from capgap.pipeline.jobs import JobPool, run_side_by_side
 from capgap.pipeline.report import ReportConfig, make_report
 from capgap.pipeline.train import TrainConfig, train
 from capgap.pipeline.train_captioner import TrainCaptionerConfig, train_captioner
@@ -133,10 +133,10 @@ class Timer:
 # --- the steps --------------------------------------------------------------------------------
 
 
-def make_data(cfg: DemoConfig) -> dict[str, str]:
-    """Write the splits; returns split -> Parquet glob."""
+def make_data(cfg: DemoConfig, pool: JobPool | None = None) -> dict[str, str]:
+    """Write the splits (on ``pool``'s workers when given); returns split -> Parquet glob."""
     synth_cfg = replace(cfg.synth, out=str(Path(cfg.out_dir) / "data"), split="all")
-    synth.run(synth_cfg, show_progress=False)
+    synth.run(synth_cfg, show_progress=False, pool=pool)
     return {name: str(Path(synth_cfg.out) / name / "*.parquet") for name in synth_cfg.splits}
 
 
@@ -307,34 +307,40 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timer = Timer()
     started = time.perf_counter()
 
-    data = make_data(cfg)
-    timer.mark("synth: seed / web / test splits")
-    reference, captioner = run_side_by_side(
-        [(train_reference, (cfg, data)), (train_dense_captioner, (cfg, data))], cfg.parallel
-    )
-    timer.mark("train reference CLIP and dense captioner on seed")
-    manifest = curate_split(cfg, data["web"], reference, captioner)
-    timer.mark("curate web (Beam: score, drop, recaption, write)")
+    # One pool of workers for every side-by-side step: each imports torch and Beam once.
+    with JobPool(cfg.parallel) as pool:
+        data = make_data(cfg, pool)
+        timer.mark("synth: seed / web / test splits")
+        reference, captioner = run_side_by_side(
+            [(train_reference, (cfg, data)), (train_dense_captioner, (cfg, data))],
+            cfg.parallel,
+            pool=pool,
+        )
+        timer.mark("train reference CLIP and dense captioner on seed")
+        manifest = curate_split(cfg, data["web"], reference, captioner)
+        timer.mark("curate web (Beam: score, drop, recaption, write)")
 
-    curated_glob = str(out / "curated" / "curated" / "*.parquet")
-    budget = pairs_budget(cfg, data["web"])
-    student_original, student_curated = run_side_by_side(
-        [
-            (train_student, (cfg, data["web"], "student-original", budget)),
-            (train_student, (cfg, curated_glob, "student-curated", budget)),
-        ],
-        cfg.parallel,
-    )
-    timer.mark("train students on original and curated web")
+        curated_glob = str(out / "curated" / "curated" / "*.parquet")
+        budget = pairs_budget(cfg, data["web"])
+        student_original, student_curated = run_side_by_side(
+            [
+                (train_student, (cfg, data["web"], "student-original", budget)),
+                (train_student, (cfg, curated_glob, "student-curated", budget)),
+            ],
+            cfg.parallel,
+            pool=pool,
+        )
+        timer.mark("train students on original and curated web")
 
-    original, curated = run_side_by_side(
-        [
-            (evaluate_run, (cfg, student_original, data["test"])),
-            (evaluate_run, (cfg, student_curated, data["test"])),
-        ],
-        cfg.parallel,
-    )
-    timer.mark("evaluate both on test")
+        original, curated = run_side_by_side(
+            [
+                (evaluate_run, (cfg, student_original, data["test"])),
+                (evaluate_run, (cfg, student_curated, data["test"])),
+            ],
+            cfg.parallel,
+            pool=pool,
+        )
+        timer.mark("evaluate both on test")
     report = make_report(
         [student_original, student_curated],
         ReportConfig(

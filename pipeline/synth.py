@@ -30,7 +30,7 @@ from capgap.core.config import (
     parse_command,
     save_resolved,
 )
-from capgap.pipeline.jobs import run_side_by_side
+from capgap.pipeline.jobs import JobPool, run_side_by_side
 
 A = len(world.ATTRIBUTE_NAMES)
 
@@ -198,17 +198,20 @@ def _shard_jobs(cfg: SynthConfig, split_name: str) -> list[tuple[Callable, tuple
     ]
 
 
-def run(cfg: SynthConfig, show_progress: bool = True) -> dict[str, list[Path]]:
+def run(
+    cfg: SynthConfig, show_progress: bool = True, pool: JobPool | None = None
+) -> dict[str, list[Path]]:
     """Write the configured split(s); returns the shard paths per split.
 
     Every row is a function of (world seed, split, index) alone, so shards are independent:
-    ``cfg.processes`` of them are written side by side, to the same bytes as one at a time.
+    ``cfg.processes`` of them are written side by side, to the same bytes as one at a time
+    (on ``pool``'s workers when given, as many as it has).
     """
     names = list(cfg.splits) if cfg.split == "all" else [cfg.split]
     jobs = [(name, job) for name in names for job in _shard_jobs(cfg, name)]
     bar = tqdm(total=len(jobs), desc="synth", unit="shard", disable=not show_progress)
     paths = run_side_by_side(
-        [job for _, job in jobs], cfg.processes, on_done=lambda _: bar.update(1)
+        [job for _, job in jobs], cfg.processes, on_done=lambda _: bar.update(1), pool=pool
     )
     bar.close()
     written: dict[str, list[Path]] = {name: [] for name in names}

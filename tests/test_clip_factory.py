@@ -171,3 +171,56 @@ def test_encode_pairs_encodes_then_normalises():
     assert torch.equal(unit_txt, torch.nn.functional.normalize(txt, dim=-1))
     assert unit_img.dtype == unit_txt.dtype == torch.float32
     assert torch.allclose(unit_txt.norm(dim=-1), torch.ones(3), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["capgap-micro-rn", "capgap-micro-vit"])
+def test_text_tower_skips_padding_with_the_same_features_and_gradients(name):
+    import open_clip
+
+    torch.manual_seed(0)
+    model, _, tokenizer = create_clip(name)
+    assert type(model).__name__ == "TrimmedTextCLIP"
+    short = tokenizer(["a star", "a red star", "a small red star on a blue background"])
+    assert short.argmax(dim=-1).max() + 1 < short.shape[1]  # there is padding to skip
+    for tokens in (short, tokenizer(["word " * 40])):  # and a caption cut at the context
+        trimmed = model.encode_text(tokens)
+        full = open_clip.CLIP.encode_text(model, tokens)
+        assert torch.allclose(trimmed, full, atol=1e-5)
+    grads = []
+    for encode in (model.encode_text, lambda t: open_clip.CLIP.encode_text(model, t)):
+        model.zero_grad()
+        encode(short).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        torch.testing.assert_close(grads[0][key], grads[1][key], rtol=1e-3, atol=1e-3)
+
+
+def test_text_trim_leaves_a_bidirectional_text_tower_alone():
+    import open_clip
+
+    from capgap.models.text_trim import trim_text_padding
+
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg={"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
+        text_cfg={
+            "context_length": 8,
+            "vocab_size": 100,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+            "no_causal_mask": True,
+        },
+    )
+    assert type(trim_text_padding(model)) is open_clip.CLIP
+
+
+def test_resnet_tower_is_channels_last_and_saves_contiguous(tmp_path):
+    model, _, _ = create_clip("capgap-micro-rn")
+    conv = model.visual.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    state = load_state_dict(path)
+    assert state["visual.conv1.weight"].is_contiguous()
+    assert torch.equal(state["visual.conv1.weight"], conv.detach())

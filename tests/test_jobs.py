@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from capgap.pipeline.jobs import run_side_by_side
+from capgap.pipeline.jobs import JobPool, run_side_by_side
 
 
 def test_results_come_back_in_job_order_from_other_processes():
@@ -47,3 +47,20 @@ def test_a_failing_job_raises_its_error_and_cancels_the_queued_ones(tmp_path):
         run_side_by_side(jobs, processes=2)
     # only the few jobs already handed to a worker ran; without cancelling, all 20 would
     assert len(list(tmp_path.glob("*.done"))) < 10
+
+
+def test_a_pool_keeps_its_workers_across_rounds_and_cancels_after_a_failure(tmp_path):
+    with JobPool(2) as pool:
+        first = set(pool.run([(os.getpid, ()), (os.getpid, ())]))
+        second = set(pool.run([(os.getpid, ()), (os.getpid, ())]))
+        assert os.getpid() not in first | second
+        assert len(first | second) <= 2  # the same two workers, not two new ones a round
+        assert run_side_by_side([(math.pow, (2, k)) for k in range(3)], 2, pool=pool) == [1, 2, 4]
+        jobs = [(math.sqrt, (-1,))]
+        jobs += [(_sleep_then_touch, (str(tmp_path / f"{i}.done"),)) for i in range(20)]
+        with pytest.raises(ValueError, match="math domain error"):
+            pool.run(jobs)
+        assert len(list(tmp_path.glob("*.done"))) < 10
+        assert pool.run([(math.pow, (3, 2)), (math.pow, (2, 3))]) == [9.0, 8.0]  # still usable
+    with pytest.raises(ValueError, match="processes"):
+        JobPool(0)
