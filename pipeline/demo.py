@@ -341,6 +341,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             pool=pool,
         )
         timer.mark("evaluate both on test")
+        pool.close(wait=False)  # the workers exit while the report is drawn
     report = make_report(
         [student_original, student_curated],
         ReportConfig(

@@ -46,9 +46,12 @@ class JobPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers; ``wait=False`` lets them exit in the background (their
+        teardown, ~3 s for a worker that imported torch, then overlaps the caller's work).
+        A later :meth:`run` starts new ones."""
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor.shutdown(wait=wait, cancel_futures=True)
             self._executor = None
 
     def run(

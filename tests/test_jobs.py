@@ -62,5 +62,7 @@ def test_a_pool_keeps_its_workers_across_rounds_and_cancels_after_a_failure(tmp_
             pool.run(jobs)
         assert len(list(tmp_path.glob("*.done"))) < 10
         assert pool.run([(math.pow, (3, 2)), (math.pow, (2, 3))]) == [9.0, 8.0]  # still usable
+        pool.close(wait=False)
+        assert pool.run([(math.pow, (2, 2)), (math.pow, (2, 0))]) == [4.0, 1.0]  # new workers
     with pytest.raises(ValueError, match="processes"):
         JobPool(0)
