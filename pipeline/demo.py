@@ -40,7 +40,7 @@ from capgap.core.config import (
 from capgap.core.files import expand_paths
 from capgap.pipeline import curate, synth
 from capgap.pipeline.evaluate import EvalConfig, evaluate
-from capgap.pipeline.jobs import JobPool, run_side_by_side
+from capgap.pipeline.jobs import JobPool
 from capgap.pipeline.report import ReportConfig, make_report
 from capgap.pipeline.train import TrainConfig, train
 from capgap.pipeline.train_captioner import TrainCaptionerConfig, train_captioner
@@ -311,10 +311,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     with JobPool(cfg.parallel) as pool:
         data = make_data(cfg, pool)
         timer.mark("synth: seed / web / test splits")
-        reference, captioner = run_side_by_side(
-            [(train_reference, (cfg, data)), (train_dense_captioner, (cfg, data))],
-            cfg.parallel,
-            pool=pool,
+        reference, captioner = pool.run(
+            [(train_reference, (cfg, data)), (train_dense_captioner, (cfg, data))]
         )
         timer.mark("train reference CLIP and dense captioner on seed")
         manifest = curate_split(cfg, data["web"], reference, captioner)
@@ -322,23 +320,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
         curated_glob = str(out / "curated" / "curated" / "*.parquet")
         budget = pairs_budget(cfg, data["web"])
-        student_original, student_curated = run_side_by_side(
+        student_original, student_curated = pool.run(
             [
                 (train_student, (cfg, data["web"], "student-original", budget)),
                 (train_student, (cfg, curated_glob, "student-curated", budget)),
-            ],
-            cfg.parallel,
-            pool=pool,
+            ]
         )
         timer.mark("train students on original and curated web")
 
-        original, curated = run_side_by_side(
+        original, curated = pool.run(
             [
                 (evaluate_run, (cfg, student_original, data["test"])),
                 (evaluate_run, (cfg, student_curated, data["test"])),
-            ],
-            cfg.parallel,
-            pool=pool,
+            ]
         )
         timer.mark("evaluate both on test")
         pool.close(wait=False)  # the workers exit while the report is drawn

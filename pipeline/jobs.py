@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import wait as wait_for
 from typing import Any
 
 from capgap.core.console import quiet_third_party_output
@@ -82,7 +83,7 @@ class JobPool:
         except BaseException:
             for future in futures:  # queued jobs never start; running ones finish
                 future.cancel()
-            wait(futures)
+            wait_for(futures)
             raise
 
 
