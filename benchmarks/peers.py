@@ -23,6 +23,11 @@ with its error and the others still run.
     python benchmarks/peers.py                       # ViT-B/32-shaped random CLIP, 256 pairs
     python benchmarks/peers.py --n 2000 --layers 6   # more pairs, a smaller model
     python benchmarks/peers.py --skip data-juicer    # leave a peer out
+    python benchmarks/peers.py --no_bf16             # capgap in float32 only
+
+capgap runs twice: in float32 like the peers, then with bf16 autocast on the CPU
+(``model.cpu_amp``: fast on CPUs with AMX, slow on AVX2-only ones); both rows are printed
+with each peer's ratio to each, and how far bf16 moves capgap's scores and decisions.
 
 Prints a table (tool, what it computes, pairs, seconds, pairs/s, ratio) and writes it as
 JSON (``--json``, default ``.peers/results.json``). Goals: capgap >= 1.0x clip-retrieval
@@ -177,6 +182,44 @@ def timed(cmd: list[str], env: dict, logfile: Path) -> float:
     return seconds
 
 
+def cpu_name() -> str:
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def precision_agreement(fp32_out: Path, bf16_out: Path) -> dict:
+    """How far bf16 autocast moves capgap's outputs: the largest score differences over the
+    same rows, and the share of rows whose decision is the same."""
+
+    def scored(out: Path) -> dict[str, dict]:
+        cols = ["uid", "decision", "clip_score", "certainty", "imbalance"]
+        rows = {}
+        for sub in ("curated", "rejected"):
+            for path in sorted((out / sub).glob("*.parquet")):
+                for row in pq.read_table(path, columns=cols).to_pylist():
+                    rows[row["uid"]] = row
+        return rows
+
+    a, b = scored(fp32_out), scored(bf16_out)
+    common = sorted(set(a) & set(b))
+    return {
+        "rows": len(common),
+        "same_decision": round(
+            sum(a[u]["decision"] == b[u]["decision"] for u in common) / max(len(common), 1), 4
+        ),
+        **{
+            f"max_abs_diff_{k}": round(
+                max((abs(a[u][k] - b[u][k]) for u in common), default=0.0), 5
+            )
+            for k in ("clip_score", "certainty", "imbalance")
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=256, help="pairs")
@@ -194,6 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--root", default=str(ROOT / ".peers"), help="venvs + work files")
     ap.add_argument("--skip", action="append", default=[], choices=sorted(PEERS))
     ap.add_argument("--json", default=None, help="default ROOT/results.json")
+    ap.add_argument(
+        "--no_bf16", dest="bf16", action="store_false",
+        help="skip capgap's second run with bf16 autocast (model.cpu_amp)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     root = Path(args.root)
@@ -234,27 +281,38 @@ def main(argv: list[str] | None = None) -> dict:
              "pairs_per_s": round(args.n / seconds, 2), "note": note}
         )  # fmt: skip
 
-    # Timed: each tool's whole command.
-    out = work / "capgap-out"
-    cmd = [*capgap_cmd(), "curate", "--input", str(work / "synth" / "web" / "*.parquet")]
-    cmd += ["--output", str(out), "--device", "cpu", "--overwrite"]
-    for s in (
-        f"model.hf_model={model}", f"model.min_batch_size={args.batch}",
-        f"model.max_batch_size={args.batch}", f"score.bank_size={args.bank_size}",
-        f"model.torch_threads={args.threads}",
-    ):  # fmt: skip
-        cmd += ["--set", s]
-    log("capgap curate ...")
-    seconds = timed(cmd, env, work / "capgap.log")
-    manifest = json.loads((out / "manifest.json").read_text())
-    counts = manifest.get("counts", {})
-    record(
-        "capgap curate",
-        "decode+validate, image+text embed, bank scores, decide, write Parquet",
-        seconds,
-        f"rows_in {counts.get('rows_in')}: curated {counts.get('curated')}, rejected "
-        f"{counts.get('rejected')}, errors {counts.get('errors')}; score.bank_size "
-        f"{args.bank_size} (bank pass embeds {min(args.n, -(-args.bank_size * 5 // 4))} more)",
+    # Timed: each tool's whole command. capgap in float32 (the peers' precision), then with
+    # bf16 autocast (model.cpu_amp) unless --no_bf16.
+    capgap_runs = [("capgap curate", "capgap-out", [])]
+    if args.bf16:
+        capgap_runs.append(
+            ("capgap curate, bf16 autocast", "capgap-bf16-out", ["model.cpu_amp=true"])
+        )
+    for tool, folder, extra in capgap_runs:
+        out = work / folder
+        cmd = [*capgap_cmd(), "curate", "--input", str(work / "synth" / "web" / "*.parquet")]
+        cmd += ["--output", str(out), "--device", "cpu", "--overwrite"]
+        for s in (
+            f"model.hf_model={model}", f"model.min_batch_size={args.batch}",
+            f"model.max_batch_size={args.batch}", f"score.bank_size={args.bank_size}",
+            f"model.torch_threads={args.threads}", *extra,
+        ):  # fmt: skip
+            cmd += ["--set", s]
+        log(f"{tool} ...")
+        seconds = timed(cmd, env, work / f"{folder}.log")
+        manifest = json.loads((out / "manifest.json").read_text())
+        counts = manifest.get("counts", {})
+        record(
+            tool,
+            "decode+validate, image+text embed, bank scores, decide, write Parquet",
+            seconds,
+            f"rows_in {counts.get('rows_in')}: curated {counts.get('curated')}, rejected "
+            f"{counts.get('rejected')}, errors {counts.get('errors')}; score.bank_size "
+            f"{args.bank_size} (bank pass embeds {min(args.n, -(-args.bank_size * 5 // 4))} "
+            "more)",
+        )
+    agreement = (
+        precision_agreement(work / "capgap-out", work / "capgap-bf16-out") if args.bf16 else None
     )
 
     if "clip-retrieval" in pythons:
@@ -295,20 +353,30 @@ def main(argv: list[str] | None = None) -> dict:
             failures["data-juicer"] = f"run: {e}"
 
     base = results[0]["pairs_per_s"]
+    base_bf16 = results[1]["pairs_per_s"] if args.bf16 else None
     for r in results:
         r["capgap_ratio"] = round(base / r["pairs_per_s"], 2)
+        if base_bf16:
+            r["capgap_bf16_ratio"] = round(base_bf16 / r["pairs_per_s"], 2)
     report = {
         "model": {k: getattr(args, k) for k in ("width", "layers", "heads", "text_width",
                                                 "text_heads", "patch", "embed_dim")},
-        "image_size": 224, "batch": args.batch, "threads": args.threads,
-        "results": results, "failures": failures,
+        "image_size": 224, "batch": args.batch, "threads": args.threads, "cpu": cpu_name(),
+        "results": results, "failures": failures, "fp32_vs_bf16": agreement,
     }  # fmt: skip
-    print(f"{'tool':44} {'pairs':>6} {'seconds':>8} {'pairs/s':>8} {'capgap x':>9}  computes")
+    bf16_col = f" {'bf16 x':>8}" if base_bf16 else ""
+    print(
+        f"{'tool':44} {'pairs':>6} {'seconds':>8} {'pairs/s':>8} {'capgap x':>9}{bf16_col}"
+        "  computes"
+    )
     for r in results:
+        ratio_bf16 = f" {r['capgap_bf16_ratio']:7.2f}x" if base_bf16 else ""
         print(
             f"{r['tool']:44} {r['pairs']:6d} {r['seconds']:8.1f} {r['pairs_per_s']:8.2f} "
-            f"{r['capgap_ratio']:8.2f}x  {r['computes']}"
+            f"{r['capgap_ratio']:8.2f}x{ratio_bf16}  {r['computes']}"
         )
+    if agreement:
+        print(f"capgap float32 vs bf16 autocast, same rows: {json.dumps(agreement)}")
     for name, why in failures.items():
         print(f"{name}: FAILED: {why.splitlines()[0]}\n  see the JSON for the whole error")
     path = Path(args.json or root / "results.json")

@@ -13,20 +13,17 @@ first GIF frame, 16-bit scaling, caption clean-up).
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
+import bad_inputs
 import numpy as np
 import pyarrow as pa
 import pytest
+from bad_inputs import CURATED, ERRORS, KINDS, READERS, stored_image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bad_inputs  # noqa: E402
-from bad_inputs import CURATED, ERRORS, KINDS, READERS, stored_image  # noqa: E402
-
-from capgap.transforms.decode import DecodeConfig, decode_image  # noqa: E402
-from capgap.transforms.reasons import Reason, Stage, outcome_of  # noqa: E402
-from capgap.transforms.schema import ERRORS_SCHEMA  # noqa: E402
+from capgap.transforms.decode import DecodeConfig, decode_image
+from capgap.transforms.reasons import Reason, Stage, outcome_of
+from capgap.transforms.schema import ERRORS_SCHEMA
 
 #: (kind, reader) -> why the case is expected to fail until someone else's file is fixed.
 KNOWN_BUGS: dict[tuple[str, str], str] = {}

@@ -14,22 +14,17 @@ kill), which keeps the suite short. Shard assignment is checked on the sink itse
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import apache_beam as beam
+import bad_inputs
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bad_inputs  # noqa: E402
-
-from capgap.pipeline import curate  # noqa: E402
-from capgap.transforms.decode import DecodeConfig, decode_image  # noqa: E402
-from capgap.transforms.reasons import RecordError  # noqa: E402
-from capgap.transforms.write import WriteParquet  # noqa: E402
+from capgap.pipeline import curate
+from capgap.transforms.decode import DecodeConfig, decode_image
+from capgap.transforms.reasons import RecordError
+from capgap.transforms.write import WriteParquet
 
 READER = "parquet"
 FLOAT_TOLERANCE = bad_inputs.FLOAT_TOLERANCE

@@ -391,6 +391,39 @@ def test_steps_on_the_same_weights_share_one_model_per_process():
     assert other is not main
 
 
+def test_cpu_amp_embeds_in_bf16_close_to_float32():
+    pairs = _pairs(4)
+    fp32 = ClipModelHandler(ClipModelConfig(min_batch_size=2, max_batch_size=4))
+    bf16 = ClipModelHandler(ClipModelConfig(min_batch_size=2, max_batch_size=4, cpu_amp=True))
+    assert fp32.load_model() is not bf16.load_model()  # the autocast is part of the model
+    out32 = list(fp32.run_inference(pairs, fp32.load_model()))
+    out16 = list(bf16.run_inference(pairs, bf16.load_model()))
+    for a, b in zip(out32, out16, strict=True):
+        for key in ("image_embedding", "text_embedding"):
+            x, y = a.inference[key], b.inference[key]
+            assert y.dtype == np.float32 and np.linalg.norm(y) == pytest.approx(1.0, abs=1e-5)
+            assert float(x @ y) > 0.99  # bf16 keeps ~3 significant digits
+        # bf16 arithmetic ran: the floats moved
+        assert not np.array_equal(a.inference["image_embedding"], b.inference["image_embedding"])
+    assert ClipModelConfig(cpu_amp=True).autocast_dtype("cpu") == "bf16"
+    assert ClipModelConfig(cpu_amp=True, amp=False).autocast_dtype("cuda") is None
+    assert ClipModelConfig(amp_dtype="fp16").autocast_dtype("cuda") == "fp16"
+    assert ClipModelConfig().autocast_dtype("cpu") is None
+
+
+def test_cpu_amp_embeddings_live_in_a_cache_space_of_their_own():
+    from capgap.transforms.cache import embed_space
+    from capgap.transforms.decode import DecodeConfig
+
+    def space(**model):
+        return embed_space(ClipModelConfig(**model), DecodeConfig()).fingerprint
+
+    assert space(cpu_amp=True) != space()
+    assert space(device="cuda", cpu_amp=True) == space(device="cuda")  # CUDA: amp decides
+    assert space(device="cuda", amp=False) != space(device="cuda")
+    assert space(amp=False) == space()  # amp is CUDA's
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_fails_loudly():
     handler = ClipModelHandler(ClipModelConfig(device="cuda"))

@@ -285,14 +285,15 @@ def embed_space(model: Any, decode: Any) -> Space:
     """CLIP embeddings: the model's weights, the device type and AMP (they move the floats),
     and the decode settings that shape the pixels the model sees."""
     device = _device_type(model.device)
+    amp = model.autocast_dtype(device)
     return Space(
         EMBEDDINGS,
         {
             "format": 1,
             "model": _weights(model_fingerprint(model)),
             "device": device,
-            "amp": bool(model.amp and device == "cuda"),
-            "amp_dtype": model.amp_dtype if model.amp and device == "cuda" else None,
+            "amp": amp is not None,
+            "amp_dtype": amp,
             "decode": {
                 "model_max_side": decode.model_max_side,
                 "alpha_background": list(decode.alpha_background),
