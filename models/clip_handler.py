@@ -71,7 +71,9 @@ class ClipModelConfig:
     share_model_across_processes: bool = False
     model_copies: int | None = None  # models per machine when shared
     metrics_namespace: str = "capgap_clip"
-    torch_threads: int | None = None  # intra-op threads per worker process (None: torch's)
+    torch_threads: int | None = (
+        None  # torch and numpy-BLAS threads per worker process (None: theirs)
+    )
 
     def __post_init__(self) -> None:
         if self.min_batch_size < 1 or self.max_batch_size < self.min_batch_size:
@@ -125,6 +127,7 @@ class ClipEmbedder:
 
     def __init__(self, cfg: ClipModelConfig) -> None:
         import torch
+        from threadpoolctl import threadpool_limits
 
         from capgap.core.device import resolve_device
         from capgap.models.clip_factory import create_clip, load_run
@@ -132,6 +135,10 @@ class ClipEmbedder:
         self.device = resolve_device(cfg.device)  # raises when CUDA is asked for and absent
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
+            # numpy's BLAS (the scores' matrix products) gets the same budget: OpenBLAS keeps
+            # a thread per core spinning between calls, otherwise a whole core of CPU time per
+            # worker process at one torch thread (measured: 12 of 16 s in a scoring loop).
+            threadpool_limits(cfg.torch_threads, user_api="blas")
         if cfg.run_dir:
             model, preprocess, tokenizer = load_run(cfg.run_dir, device=self.device)
         elif cfg.hf_model:

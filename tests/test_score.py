@@ -13,7 +13,12 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from capgap.models.clip_handler import ClipModelConfig, ClipModelHandler, model_fingerprint
+from capgap.models.clip_handler import (
+    ClipEmbedder,
+    ClipModelConfig,
+    ClipModelHandler,
+    model_fingerprint,
+)
 from capgap.transforms.bank import SampleBank, make_bank, uid_hash
 from capgap.transforms.decide import (
     DecideConfig,
@@ -409,6 +414,18 @@ def test_cpu_amp_embeds_in_bf16_close_to_float32():
     assert ClipModelConfig(cpu_amp=True, amp=False).autocast_dtype("cuda") is None
     assert ClipModelConfig(amp_dtype="fp16").autocast_dtype("cuda") == "fp16"
     assert ClipModelConfig().autocast_dtype("cpu") is None
+
+
+def test_torch_threads_limit_numpy_blas_too():
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    threads = torch.get_num_threads()
+    with threadpool_limits():  # puts the process' BLAS limits back afterwards
+        ClipEmbedder(ClipModelConfig(torch_threads=1))
+        blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert blas and set(blas) == {1}
+    torch.set_num_threads(threads)
 
 
 def test_cpu_amp_embeddings_live_in_a_cache_space_of_their_own():
