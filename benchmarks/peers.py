@@ -25,8 +25,8 @@ with its error and the others still run.
     python benchmarks/peers.py --skip data-juicer    # leave a peer out
     python benchmarks/peers.py --no_bf16             # capgap in float32 only
 
-capgap runs twice: in float32 like the peers, then with bf16 autocast on the CPU
-(``model.cpu_amp``: fast on CPUs with AMX, slow on AVX2-only ones); both rows are printed
+capgap runs twice: in float32 like the peers, then with bf16 weights on the CPU
+(``model.cpu_bf16``: fast on CPUs with AMX, slow on AVX2-only ones); both rows are printed
 with each peer's ratio to each, and how far bf16 moves capgap's scores and decisions.
 
 Prints a table (tool, what it computes, pairs, seconds, pairs/s, ratio) and writes it as
@@ -192,7 +192,7 @@ def cpu_name() -> str:
 
 
 def precision_agreement(fp32_out: Path, bf16_out: Path) -> dict:
-    """How far bf16 autocast moves capgap's outputs: the largest score differences over the
+    """How far bf16 weights moves capgap's outputs: the largest score differences over the
     same rows, and the share of rows whose decision is the same."""
 
     def scored(out: Path) -> dict[str, dict]:
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None, help="default ROOT/results.json")
     ap.add_argument(
         "--no_bf16", dest="bf16", action="store_false",
-        help="skip capgap's second run with bf16 autocast (model.cpu_amp)",
+        help="skip capgap's second run with bf16 weights (model.cpu_bf16)",
     )  # fmt: skip
     args = ap.parse_args(argv)
 
@@ -282,11 +282,11 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
 
     # Timed: each tool's whole command. capgap in float32 (the peers' precision), then with
-    # bf16 autocast (model.cpu_amp) unless --no_bf16.
+    # bf16 weights (model.cpu_bf16) unless --no_bf16.
     capgap_runs = [("capgap curate", "capgap-out", [])]
     if args.bf16:
         capgap_runs.append(
-            ("capgap curate, bf16 autocast", "capgap-bf16-out", ["model.cpu_amp=true"])
+            ("capgap curate, bf16 weights", "capgap-bf16-out", ["model.cpu_bf16=true"])
         )
     for tool, folder, extra in capgap_runs:
         out = work / folder
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['capgap_ratio']:8.2f}x{ratio_bf16}  {r['computes']}"
         )
     if agreement:
-        print(f"capgap float32 vs bf16 autocast, same rows: {json.dumps(agreement)}")
+        print(f"capgap float32 vs bf16 weights, same rows: {json.dumps(agreement)}")
     for name, why in failures.items():
         print(f"{name}: FAILED: {why.splitlines()[0]}\n  see the JSON for the whole error")
     path = Path(args.json or root / "results.json")

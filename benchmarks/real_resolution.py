@@ -124,6 +124,7 @@ def pipeline_seconds(pattern: str, output: Path, args, draft: bool, n: int) -> f
         "model.max_batch_size": args.batch,
         "model.min_batch_size": min(args.batch, n),
         "model.torch_threads": args.threads or "null",
+        "model.cpu_bf16": str(args.cpu_bf16).lower(),
         "score.bank_size": args.bank,
         "score.bank_oversample": 1.0,
         "decode.jpeg_draft": str(draft).lower(),
@@ -172,6 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 0: default")
     parser.add_argument(
+        "--cpu_bf16",
+        action="store_true",
+        help="bf16 weights on the CPU (model.cpu_bf16), both loops",
+    )
+    parser.add_argument(
         "--runner_flags",
         default="--direct_running_mode=in_memory",
         help="Beam options of the pipeline runs (e.g. '--direct_running_mode=multi_processing "
@@ -198,7 +204,12 @@ def main(argv: list[str] | None = None) -> dict:
         small_pattern = write_split(root / "small", photos, args.n)
         big_pattern = write_split(root / "big", photos, n_big)
         embedder = ClipEmbedder(
-            ClipModelConfig(name=args.model, device=args.device, torch_threads=args.threads)
+            ClipModelConfig(
+                name=args.model,
+                device=args.device,
+                torch_threads=args.threads,
+                cpu_bf16=args.cpu_bf16,
+            )
         )
         side = embedder.model.visual.image_size
         side = side[0] if isinstance(side, tuple | list) else side
@@ -233,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
         report: dict = {"model": args.model, "device": args.device, "image_size": side}
         report.update(rows=n_big, mean_megapixels=round(mean_mp, 2), threads=args.threads)
+        report["cpu_bf16"] = args.cpu_bf16
         for key, r in results.items():
             decode_s = decode_seconds(photos, key == "draft")
             steady = [p for p in r["pipe"] if p is not None]

@@ -14,8 +14,8 @@ keep the uid attached:
     embedded = pairs | RunInference(handler)   # (uid, PredictionResult)
 
 ``device: cuda`` without CUDA fails loudly in ``load_model`` (no CPU fallback). AMP
-(autocast) is used on CUDA when ``amp`` is on, and in bf16 on the CPU when ``cpu_amp`` is
-(opt-in: fast only on CPUs with native bf16 matrix units). ``share_model_across_processes`` and
+(autocast) is used on CUDA when ``amp`` is on; on the CPU ``cpu_bf16`` runs the encoders
+in bf16 (opt-in: fast only on CPUs with native bf16 matrix units). ``share_model_across_processes`` and
 ``model_copies`` are passed to Beam (one model per machine, shared by the SDK
 worker processes, through ``multi_process_shared``).
 """
@@ -62,10 +62,12 @@ class ClipModelConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N; cuda without CUDA is an error
     amp: bool = True  # autocast on CUDA
     amp_dtype: Literal["bf16", "fp16"] = "bf16"
-    # bf16 autocast on the CPU too: a ViT-B/32 embeds ~2.7x faster on a CPU with AMX (Xeon
-    # Sapphire Rapids and later) at cosine >= 0.9999 to float32; slower on one without native
-    # bf16 (AVX2-only), hence off by default.
-    cpu_amp: bool = False
+    # The encoders in bf16 on the CPU (weights and activations; outputs float32): a ViT-B/32
+    # image tower ~4.5x faster on a CPU with AMX (Xeon Sapphire Rapids and later), cosine to
+    # float32 >= 0.9999; off by default: a CPU without native bf16 (AVX2 only) emulates it.
+    # Not autocast: on the CPU it sends open_clip's nn.MultiheadAttention off its fast path
+    # into a linear that copies its weight per token (1.3x slower than float32, measured).
+    cpu_bf16: bool = False
     min_batch_size: int = 8
     max_batch_size: int = 256
     share_model_across_processes: bool = False
@@ -87,13 +89,13 @@ class ClipModelConfig:
             )
 
     def autocast_dtype(self, device_type: str) -> str | None:
-        """The autocast dtype (``bf16`` / ``fp16``) on a ``cuda`` or ``cpu`` device, or None
-        when the encoders run in float32 there."""
-        if device_type == "cuda":
-            return self.amp_dtype if self.amp else None
-        if device_type == "cpu":
-            return "bf16" if self.cpu_amp else None
-        return None
+        """The autocast dtype (``bf16`` / ``fp16``) on a device type, or None (CUDA only)."""
+        return self.amp_dtype if self.amp and device_type == "cuda" else None
+
+    def weights_dtype(self, device_type: str) -> str | None:
+        """``bf16`` when the encoders' weights are cast to bf16 on this device type, else None
+        (float32 weights)."""
+        return "bf16" if self.cpu_bf16 and device_type == "cpu" else None
 
     def weights_key(self) -> tuple:
         """What determines the loaded model (not how RunInference batches, shares or counts it)."""
@@ -151,6 +153,11 @@ class ClipEmbedder:
                 model, preprocess, tokenizer = create_clip(
                     cfg.name, cfg.pretrained, device=self.device
                 )
+        scale = getattr(model, "logit_scale", None)  # read before any bf16 cast rounds it
+        self.logit_scale = float(scale.exp().item()) if scale is not None else 100.0
+        self.input_dtype = None
+        if cfg.weights_dtype(self.device.type) == "bf16":
+            model, self.input_dtype = model.to(torch.bfloat16), torch.bfloat16
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = tokenizer
@@ -160,8 +167,6 @@ class ClipEmbedder:
         self._autocast = (
             (lambda: torch.autocast(device_type=device_type, dtype=dtype)) if amp else nullcontext
         )
-        scale = getattr(self.model, "logit_scale", None)
-        self.logit_scale = float(scale.exp().item()) if scale is not None else 100.0
 
     def embed(
         self, pixels: Sequence[np.ndarray], captions: Sequence[str]
@@ -173,6 +178,8 @@ class ClipEmbedder:
         from capgap.models.clip_embed import encode_pairs
 
         images = torch.stack([self.preprocess(Image.fromarray(p, mode="RGB")) for p in pixels])
+        if self.input_dtype is not None:
+            images = images.to(self.input_dtype)
         tokens = self.tokenizer(list(captions))
         img, txt = encode_pairs(self.model, images, tokens, self.device, autocast=self._autocast)
         return img.cpu().numpy(), txt.cpu().numpy(), self.logit_scale

@@ -173,3 +173,18 @@ def test_clip_text_padding_cut_changes_nothing(checkpoints):
     siglip, _, siglip_tokenizer = load_hf_clip(checkpoints["siglip"])
     assert model.trim_padding(tokenizer(CAPTIONS)).shape[1] == 77
     assert siglip.trim_padding(siglip_tokenizer(CAPTIONS)).shape[1] == 64
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_bf16_weights_score_close_to_float32(checkpoints, web_shard, tmp_path, kind):
+    model = f"model.hf_model={checkpoints[kind]}"
+    curate_with(web_shard, tmp_path / "f32", model)
+    curate_with(web_shard, tmp_path / "b16", model, "model.cpu_bf16=true")
+
+    def scores(out) -> dict[str, float]:
+        return {r["uid"]: r["clip_score"] for f in ("curated", "rejected") for r in read(out, f)}
+
+    f32, b16 = scores(tmp_path / "f32"), scores(tmp_path / "b16")
+    assert f32.keys() == b16.keys() and len(f32) == 12
+    diffs = [abs(f32[uid] - b16[uid]) for uid in f32]
+    assert 0 < max(diffs) < 0.02  # bf16 ran (the scores moved), and not far

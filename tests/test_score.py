@@ -396,11 +396,18 @@ def test_steps_on_the_same_weights_share_one_model_per_process():
     assert other is not main
 
 
-def test_cpu_amp_embeds_in_bf16_close_to_float32():
+@pytest.mark.parametrize("name", ["capgap-micro-vit", "capgap-micro-rn"])
+def test_cpu_bf16_embeds_close_to_float32(name):
+    import torch
+
     pairs = _pairs(4)
-    fp32 = ClipModelHandler(ClipModelConfig(min_batch_size=2, max_batch_size=4))
-    bf16 = ClipModelHandler(ClipModelConfig(min_batch_size=2, max_batch_size=4, cpu_amp=True))
-    assert fp32.load_model() is not bf16.load_model()  # the autocast is part of the model
+    fp32 = ClipModelHandler(ClipModelConfig(name=name, min_batch_size=2, max_batch_size=4))
+    bf16 = ClipModelHandler(
+        ClipModelConfig(name=name, min_batch_size=2, max_batch_size=4, cpu_bf16=True)
+    )
+    assert fp32.load_model() is not bf16.load_model()
+    assert next(bf16.load_model().model.parameters()).dtype == torch.bfloat16
+    assert bf16.load_model().logit_scale == fp32.load_model().logit_scale  # read in float32
     out32 = list(fp32.run_inference(pairs, fp32.load_model()))
     out16 = list(bf16.run_inference(pairs, bf16.load_model()))
     for a, b in zip(out32, out16, strict=True):
@@ -410,8 +417,10 @@ def test_cpu_amp_embeds_in_bf16_close_to_float32():
             assert float(x @ y) > 0.99  # bf16 keeps ~3 significant digits
         # bf16 arithmetic ran: the floats moved
         assert not np.array_equal(a.inference["image_embedding"], b.inference["image_embedding"])
-    assert ClipModelConfig(cpu_amp=True).autocast_dtype("cpu") == "bf16"
-    assert ClipModelConfig(cpu_amp=True, amp=False).autocast_dtype("cuda") is None
+    assert ClipModelConfig(cpu_bf16=True).weights_dtype("cpu") == "bf16"
+    assert ClipModelConfig(cpu_bf16=True).weights_dtype("cuda") is None
+    assert ClipModelConfig(cpu_bf16=True).autocast_dtype("cpu") is None
+    assert ClipModelConfig(amp=False).autocast_dtype("cuda") is None
     assert ClipModelConfig(amp_dtype="fp16").autocast_dtype("cuda") == "fp16"
     assert ClipModelConfig().autocast_dtype("cpu") is None
 
@@ -428,15 +437,15 @@ def test_torch_threads_limit_numpy_blas_too():
     torch.set_num_threads(threads)
 
 
-def test_cpu_amp_embeddings_live_in_a_cache_space_of_their_own():
+def test_cpu_bf16_embeddings_live_in_a_cache_space_of_their_own():
     from capgap.transforms.cache import embed_space
     from capgap.transforms.decode import DecodeConfig
 
     def space(**model):
         return embed_space(ClipModelConfig(**model), DecodeConfig()).fingerprint
 
-    assert space(cpu_amp=True) != space()
-    assert space(device="cuda", cpu_amp=True) == space(device="cuda")  # CUDA: amp decides
+    assert space(cpu_bf16=True) != space()
+    assert space(device="cuda", cpu_bf16=True) == space(device="cuda")  # CUDA: amp decides
     assert space(device="cuda", amp=False) != space(device="cuda")
     assert space(amp=False) == space()  # amp is CUDA's
 

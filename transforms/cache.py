@@ -282,25 +282,27 @@ def _weights(fingerprint: dict[str, Any]) -> dict[str, Any]:
 
 
 def embed_space(model: Any, decode: Any) -> Space:
-    """CLIP embeddings: the model's weights, the device type and AMP (they move the floats),
+    """CLIP embeddings: the model's weights, the device type, AMP and bf16 weights (they move
+    the floats),
     and the decode settings that shape the pixels the model sees."""
     device = _device_type(model.device)
     amp = model.autocast_dtype(device)
-    return Space(
-        EMBEDDINGS,
-        {
-            "format": 1,
-            "model": _weights(model_fingerprint(model)),
-            "device": device,
-            "amp": amp is not None,
-            "amp_dtype": amp,
-            "decode": {
-                "model_max_side": decode.model_max_side,
-                "alpha_background": list(decode.alpha_background),
-                "jpeg_draft": decode.jpeg_draft,  # reduced-scale JPEG decode moves pixels
-            },
+    settings = {
+        "format": 1,
+        "model": _weights(model_fingerprint(model)),
+        "device": device,
+        "amp": amp is not None,
+        "amp_dtype": amp,
+        "decode": {
+            "model_max_side": decode.model_max_side,
+            "alpha_background": list(decode.alpha_background),
+            "jpeg_draft": decode.jpeg_draft,  # reduced-scale JPEG decode moves pixels
         },
-    )
+    }
+    weights_dtype = model.weights_dtype(device)
+    if weights_dtype:  # only when set, so float32 spaces keep their fingerprints
+        settings["weights_dtype"] = weights_dtype
+    return Space(EMBEDDINGS, settings)
 
 
 # CaptionerConfig fields that do not change what the captioner writes.
