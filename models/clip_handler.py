@@ -15,9 +15,9 @@ keep the uid attached:
 
 ``device: cuda`` without CUDA fails loudly in ``load_model`` (no CPU fallback). AMP
 (autocast) is used on CUDA when ``amp`` is on; on the CPU ``cpu_bf16`` runs the encoders
-in bf16 (opt-in: fast only on CPUs with native bf16 matrix units). ``share_model_across_processes`` and
-``model_copies`` are passed to Beam (one model per machine, shared by the SDK
-worker processes, through ``multi_process_shared``).
+in bf16 (opt-in: fast only on CPUs with native bf16 matrix units).
+``share_model_across_processes`` and ``model_copies`` are passed to Beam (one model per
+machine, shared by the SDK worker processes, through ``multi_process_shared``).
 """
 
 from __future__ import annotations
@@ -73,9 +73,8 @@ class ClipModelConfig:
     share_model_across_processes: bool = False
     model_copies: int | None = None  # models per machine when shared
     metrics_namespace: str = "capgap_clip"
-    torch_threads: int | None = (
-        None  # torch and numpy-BLAS threads per worker process (None: theirs)
-    )
+    # torch's and numpy's BLAS threads per worker process (None: their defaults)
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.min_batch_size < 1 or self.max_batch_size < self.min_batch_size:

@@ -448,6 +448,10 @@ def test_cpu_bf16_embeddings_live_in_a_cache_space_of_their_own():
     assert space(device="cuda", cpu_bf16=True) == space(device="cuda")  # CUDA: amp decides
     assert space(device="cuda", amp=False) != space(device="cuda")
     assert space(amp=False) == space()  # amp is CUDA's
+    # float32 spaces hold the same settings as before cpu_bf16 existed: old caches still hit
+    settings = embed_space(ClipModelConfig(), DecodeConfig()).settings
+    assert set(settings) == {"format", "model", "device", "amp", "amp_dtype", "decode"}
+    assert (settings["amp"], settings["amp_dtype"]) == (False, None)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

@@ -283,8 +283,7 @@ def _weights(fingerprint: dict[str, Any]) -> dict[str, Any]:
 
 def embed_space(model: Any, decode: Any) -> Space:
     """CLIP embeddings: the model's weights, the device type, AMP and bf16 weights (they move
-    the floats),
-    and the decode settings that shape the pixels the model sees."""
+    the floats), and the decode settings that shape the pixels the model sees."""
     device = _device_type(model.device)
     amp = model.autocast_dtype(device)
     settings = {
