@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from cluster_check import rows_of  # a curate output's rows by outcome and uid
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
@@ -183,12 +184,10 @@ def timed(cmd: list[str], env: dict, logfile: Path) -> float:
 
 
 def cpu_name() -> str:
-    for line in (
-        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    ):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return next(names, "unknown")
 
 
 def precision_agreement(fp32_out: Path, bf16_out: Path) -> dict:
@@ -196,13 +195,8 @@ def precision_agreement(fp32_out: Path, bf16_out: Path) -> dict:
     same rows, and the share of rows whose decision is the same."""
 
     def scored(out: Path) -> dict[str, dict]:
-        cols = ["uid", "decision", "clip_score", "certainty", "imbalance"]
-        rows = {}
-        for sub in ("curated", "rejected"):
-            for path in sorted((out / sub).glob("*.parquet")):
-                for row in pq.read_table(path, columns=cols).to_pylist():
-                    rows[row["uid"]] = row
-        return rows
+        rows = rows_of(out)
+        return {**rows["curated"], **rows["rejected"]}
 
     a, b = scored(fp32_out), scored(bf16_out)
     common = sorted(set(a) & set(b))

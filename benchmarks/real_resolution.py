@@ -155,14 +155,13 @@ def decode_seconds(
 def draft_cosines(
     embedder: ClipEmbedder, photos: list[bytes], model_max_side: int = 448
 ) -> list[float]:
-    full, drafted = (
-        [decode_image(raw, DecodeConfig(jpeg_draft=d, model_max_side=model_max_side)).pixels
-         for raw in photos]
-        for d in (False, True)
-    )  # fmt: skip
+    def pixels(draft: bool) -> list[np.ndarray]:
+        cfg = DecodeConfig(jpeg_draft=draft, model_max_side=model_max_side)
+        return [decode_image(raw, cfg).pixels for raw in photos]
+
     captions = ["a photo"] * len(photos)
-    a = embedder.embed(full, captions)[0]
-    b = embedder.embed(drafted, captions)[0]
+    a = embedder.embed(pixels(False), captions)[0]
+    b = embedder.embed(pixels(True), captions)[0]
     return [float(x) for x in np.sum(a * b, axis=1)]
 
 

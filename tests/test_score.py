@@ -430,7 +430,8 @@ def test_torch_threads_limit_numpy_blas_too():
     from threadpoolctl import threadpool_info, threadpool_limits
 
     threads = torch.get_num_threads()
-    with threadpool_limits():  # puts the process' BLAS limits back afterwards
+    # two BLAS threads first, whatever this machine's default; put back afterwards
+    with threadpool_limits(limits=2, user_api="blas"):
         ClipEmbedder(ClipModelConfig(torch_threads=1))
         blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
         assert blas and set(blas) == {1}
