@@ -12,10 +12,15 @@ import argparse
 import time
 
 from capgap.core.config import load_config
-from capgap.pipeline import demo
+from capgap.core.console import quiet_third_party_output
 
 
 def main() -> None:
+    # As `capgap demo` does: before Beam is first imported (here and in the demo's workers,
+    # which import this module again), so its apitools line is dropped.
+    quiet_third_party_output()
+    from capgap.pipeline import demo
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out_dir", default="/tmp/capgap_demo_bench")

@@ -7,6 +7,7 @@ Data flow (see docs in README / DESIGN.md)::
     main pass: read (Parquet | WebDataset tar | HF datasets dir | CSV) -> (uid, record)
     drop duplicate uids, decode + validate one at a time (one step) -> (uid, pair) | errors
     CLIP embed: RunInference(KeyedModelHandler(ClipModelHandler))  | errors
+      (the bank's own rows take the bank pass's embeddings)
     scores against the bank                                    -> clip_score, certainty, imbalance
     decide: keep | drop (rejected/) | recaption
     recaption (transforms/recaption.py, if recaption.enabled)  -> dense caption
@@ -65,7 +66,7 @@ from capgap.models.clip_handler import ClipModelConfig, model_fingerprint
 from capgap.pipeline.incremental import commit_cache, input_shards, lineage, plan_cache
 from capgap.pipeline.runner_presets import preset_flags
 from capgap.transforms.accounting import CountOutcomes, counter_values, format_counters
-from capgap.transforms.bank import INDEX_NAMESPACE, EmbedBank, bank_summary
+from capgap.transforms.bank import INDEX_NAMESPACE, EmbedBank, EmbedOutsideBank, bank_summary
 from capgap.transforms.cache import new_build_id
 from capgap.transforms.captions import CaptionConfig
 from capgap.transforms.decide import RECAPTION, Decide, DecideConfig
@@ -213,7 +214,6 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     # it the graph has no join. The bank pass writes no entries (its rows are main-pass rows).
     cache = plan_cache(cfg, build_id, model_cfg, stage_cfg) if cfg.cache else None
     bank_embed = cache.embed(cache.bank_model(model_cfg), "bank_embed", False) if cache else None
-    main_embed = cache.embed(model_cfg, "embed") if cache else EmbedPairs(model_cfg)
 
     # Index and bank come from reads of their own (transforms/bank.py), so the main pass
     # below runs from read to write without holding rows at a barrier.
@@ -223,6 +223,12 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     bank = first_refs | "Bank" >> EmbedBank(
         plan, cfg.decode, cfg.caption, model_cfg, cfg.score, bank_embed
     )
+    # The bank's rows were embedded by the bank pass: the main pass embeds the others. With
+    # --cache every row goes through the cache stage, which writes the entries of the build.
+    if cache:
+        main_embed = cache.embed(model_cfg, "embed")
+    else:
+        main_embed = EmbedOutsideBank(EmbedPairs(model_cfg), bank, model_cfg.model_id())
     records = p | "Read" >> ReadRecords(plan)
     # Duplicate uids out, then decode + validate, in one step (one element boundary a row).
     decoded = records | "DedupDecode" >> DedupDecode(first_refs, cfg.decode, cfg.caption)

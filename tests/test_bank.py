@@ -2,7 +2,8 @@
 
 The bank must be the ``bank_size`` first-seen uids with the smallest salted hash among
 those that embed, whatever fails to decode among the candidates (the surplus
-``bank_oversample`` stands in for them), and never a later copy of a duplicate uid.
+``bank_oversample`` stands in for them), and never a later copy of a duplicate uid; the
+main pass takes the bank rows' embeddings from it instead of the model.
 
     .venv/bin/python -m pytest -q tests/test_bank.py
 """
@@ -10,17 +11,22 @@ those that embed, whatever fails to decode among the candidates (the surplus
 from __future__ import annotations
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from capgap.models.clip_handler import ClipModelConfig
+from capgap.models.clip_handler import ClipEmbedder, ClipModelConfig
+from capgap.pipeline import curate
+from capgap.pipeline.curate import CurateConfig
 from capgap.pipeline.synth import SCHEMA, SplitConfig, make_row
+from capgap.transforms.accounting import counter_values
 from capgap.transforms.bank import BankCandidates, EmbedBank, candidate_count, uid_hash
 from capgap.transforms.captions import CaptionConfig
-from capgap.transforms.decode import DecodeConfig
+from capgap.transforms.decode import DecodeConfig, decode_image
 from capgap.transforms.dedup import FirstRefs
 from capgap.transforms.readers import ReadConfig, ReadRecords, discover
 from capgap.transforms.readers.record import is_derived
@@ -102,3 +108,36 @@ def test_bank_candidates_are_the_smallest_salted_hashes():
     with TestPipeline() as p:
         picked = p | beam.Create(first_refs, reshuffle=False) | BankCandidates(score)
         assert_that(picked, equal_to([{uid: ref for uid, (_, ref) in order[:6]}]))
+
+
+def test_the_main_pass_takes_the_bank_rows_embeddings_from_the_bank(bank_input, tmp_path):
+    """Every row's embeddings are the model's (a bank row's misplaced or stale embedding would
+    be off by the spread of the embeddings), and the bank's rows skip the model."""
+    pattern, order = bank_input
+    model = ClipModelConfig(min_batch_size=2, max_batch_size=4)
+    cfg = CurateConfig(
+        input=pattern,
+        output=str(tmp_path / "out"),
+        model=model,
+        score=ScoreConfig(bank_size=6, bank_oversample=1.5),
+    )
+    embedder = ClipEmbedder(model)
+
+    def model_embeddings(rows):
+        for uid, row in rows:
+            pixels = decode_image(row["image"], cfg.decode).pixels
+            img, txt, _ = embedder.embed([pixels], [row["caption"]])
+            assert np.abs(img[0] - row["image_embedding"]).max() < 1e-5, uid
+            assert np.abs(txt[0] - row["text_embedding"]).max() < 1e-5, uid
+        assert {uid for uid, _ in rows} == set(order[1:])  # order[0] fails to decode
+
+    p = TestPipeline()
+    outputs = curate.build(p, cfg)
+    assert_that(outputs["embedded"], model_embeddings)
+    result = p.run()
+    result.wait_until_finish()
+    assert counter_values(result)["embeddings_from_bank"] == 6
+    # the main pass's model saw the other 13 rows (19 unique uids, one undecodable)
+    query = MetricsFilter().with_namespace(model.metrics_namespace).with_name("num_inferences")
+    (inferences,) = result.metrics().query(query)["counters"]
+    assert inferences.committed == 13

@@ -228,9 +228,13 @@ def test_pair_scores_on_a_toy_world():
 
 
 def test_make_bank_orders_by_hash_then_uid():
-    entries = [(2, "b", np.ones(2), np.ones(2), 20.0), (1, "a", np.zeros(2), np.ones(2), 20.0)]
+    entries = [
+        (2, "b", np.ones(2), np.ones(2), 20.0, ("s", 1)),
+        (1, "a", np.zeros(2), np.ones(2), 20.0, ("s", 0)),
+    ]
     bank = make_bank(entries)
     assert bank["uids"] == ["a", "b"] and bank["tau"] == pytest.approx(0.05)
+    assert bank["refs"] == [("s", 0), ("s", 1)] and bank["logit_scales"] == [20.0, 20.0]
     assert make_bank(entries, tau=0.1)["tau"] == 0.1
 
 

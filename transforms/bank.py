@@ -17,11 +17,14 @@ read to write in one fused stage:
    smallest of those that embed become the bank. The surplus stands in for candidates
    that fail to decode; if more fail than that, the bank is smaller (its size is in the
    manifest);
-3. main: dedup, decode, embed, score against the bank, decide, write.
+3. main: dedup, decode, embed, score against the bank, decide, write. A row of the bank
+   takes its embeddings from the bank (:class:`EmbedOutsideBank`): the bank pass embedded
+   the same record with the same model, decode and caption settings.
 
 The index and bank passes cost a uid-only read and a selective read of the input (Parquet
 and HF skip the unselected rows before converting them; tar and CSV are read whole) and
-``bank_size * bank_oversample`` extra embeddings, whatever the input's size. The bank
+``bank_size * (bank_oversample - 1)`` extra embeddings (the candidates left out of the
+bank), whatever the input's size. The bank
 pass's failures are not reported: the main pass meets the same records and records them.
 Its counters use the ``capgap_bank`` namespace, the index pass's ``capgap_index``.
 
@@ -48,6 +51,7 @@ from capgap.transforms.captions import CaptionConfig
 from capgap.transforms.decode import DecodeConfig, DecodeRecords
 from capgap.transforms.embed import EmbedPairs
 from capgap.transforms.readers import InputPlan, ReadRecords
+from capgap.transforms.schema import ERRORS
 from capgap.transforms.score import ScoreConfig
 
 BANK_NAMESPACE = "capgap_bank"
@@ -175,6 +179,7 @@ class SampleBank(beam.PTransform):
                     kv[1]["image_embedding"],
                     kv[1]["text_embedding"],
                     kv[1]["logit_scale"],
+                    _ref(kv[1]),
                 )
             )
             | "Smallest" >> beam.combiners.Top.Smallest(self.cfg.bank_size, key=lambda e: e[:2])
@@ -182,18 +187,83 @@ class SampleBank(beam.PTransform):
         )
 
 
+def _ref(row: dict[str, Any]) -> tuple[Any, Any]:
+    """The (source, source_index) a bank row was read from (None, None where unknown)."""
+    return row.get("source"), row.get("source_index")
+
+
 def make_bank(entries: list[tuple], tau: float | None = None) -> dict[str, Any]:
-    """Bank arrays from (hash, uid, image, text, logit_scale) entries sorted by (hash, uid)."""
+    """Bank arrays from (hash, uid, image, text, logit_scale, ref) entries, in (hash, uid)
+    order: ``uids``, ``refs``, ``images``, ``texts``, ``logit_scales`` and ``tau``."""
     entries = sorted(entries, key=lambda e: e[:2])
     if not entries:
-        return {"uids": [], "images": np.zeros((0, 0), np.float32), "tau": tau or 0.01}
+        empty = np.zeros((0, 0), np.float32)
+        return {
+            "uids": [],
+            "refs": [],
+            "images": empty,
+            "texts": empty,
+            "logit_scales": [],
+            "tau": tau or 0.01,
+        }
     scale = float(entries[0][4])
     return {
         "uids": [e[1] for e in entries],
+        "refs": [e[5] for e in entries],
         "images": np.stack([e[2] for e in entries]).astype(np.float32),
         "texts": np.stack([e[3] for e in entries]).astype(np.float32),
+        "logit_scales": [float(e[4]) for e in entries],
         "tau": float(tau) if tau is not None else 1.0 / scale,
     }
+
+
+class _FromBankFn(beam.DoFn):
+    """(uid, pair) -> (uid, row with embeddings) from the bank when the bank holds this very
+    record (its uid and its ref), else the pair tagged ``embed`` (for the model)."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+
+    def setup(self) -> None:
+        self._bank: dict[str, Any] | None = None
+        self._rows: dict[str, int] = {}
+        self.reused = beam.metrics.Metrics.counter("capgap", "embeddings_from_bank")
+
+    def process(self, element, bank: dict[str, Any]) -> Iterator[Any]:
+        if bank is not self._bank:  # a new side input value: index it once
+            self._bank, self._rows = bank, {uid: i for i, uid in enumerate(bank["uids"])}
+        uid, pair = element
+        i = self._rows.get(uid)
+        if i is None or bank["refs"][i] != _ref(pair):
+            yield beam.pvalue.TaggedOutput("embed", element)
+            return
+        row = {k: v for k, v in pair.items() if k != "pixels"}
+        row["image_embedding"] = bank["images"][i].copy()
+        row["text_embedding"] = bank["texts"][i].copy()
+        row["logit_scale"] = bank["logit_scales"][i]
+        row["model_id"] = self.model_id
+        self.reused.inc()
+        yield uid, row
+
+
+class EmbedOutsideBank(beam.PTransform):
+    """``embed`` (an :class:`~capgap.transforms.embed.EmbedPairs`) for the main pass's rows
+    that are not in ``bank``; a bank row takes the embeddings the bank pass computed for the
+    same record (the same model, decode and caption settings: the same pixels and tokens, so
+    the same embeddings up to the float rounding of another batch). (uid, pair) -> {"ok",
+    "errors"} as ``embed`` returns; counter ``capgap/embeddings_from_bank``."""
+
+    def __init__(self, embed: beam.PTransform, bank, model_id: str) -> None:
+        super().__init__()
+        self.embed, self.bank, self.model_id = embed, bank, model_id
+
+    def expand(self, pairs):
+        split = pairs | "FromBank" >> beam.ParDo(
+            _FromBankFn(self.model_id), bank=beam.pvalue.AsSingleton(self.bank)
+        ).with_outputs("embed", main="ok")
+        fresh = split.embed | "Model" >> self.embed
+        ok = (split.ok, fresh["ok"]) | "Embedded" >> beam.Flatten()
+        return {"ok": ok, ERRORS: fresh[ERRORS]}
 
 
 def bank_summary(bank: dict[str, Any]) -> dict[str, Any]:
