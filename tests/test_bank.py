@@ -94,8 +94,9 @@ def _reference_first_refs(pairs):
 def test_first_refs_count_each_uid_whatever_the_buckets(buckets):
     pairs = [(f"u{i % 37}", (f"s{i % 3}", i)) for i in range(150)]
     pairs += [("s1#4", ("s1", 4)), ("s1#4", ("s0", 9))]  # derived at s1#4 vs a real "s1#4"
+    blocks = [pairs[i : i + 40] for i in range(0, len(pairs), 40)]
     with TestPipeline() as p:
-        out = p | beam.Create(pairs) | FirstRefs(buckets)
+        out = p | beam.Create(blocks) | FirstRefs(buckets) | beam.FlatMap(list)
         assert_that(out, equal_to(_reference_first_refs(pairs)))
     assert _reference_first_refs(pairs)[-1] == ("u9", (4, ("s0", 9)))
     assert dict(_reference_first_refs(pairs))["s1#4"] == (2, ("s0", 9))
@@ -106,7 +107,8 @@ def test_bank_candidates_are_the_smallest_salted_hashes():
     first_refs = [(f"u{i}", (1, ("s", i))) for i in range(40)]
     order = sorted(first_refs, key=lambda kv: (uid_hash(kv[0], score.bank_salt), kv[0]))
     with TestPipeline() as p:
-        picked = p | beam.Create(first_refs, reshuffle=False) | BankCandidates(score)
+        blocks = [first_refs[:15], first_refs[15:]]
+        picked = p | beam.Create(blocks, reshuffle=False) | BankCandidates(score)
         assert_that(picked, equal_to([{uid: ref for uid, (_, ref) in order[:6]}]))
 
 
@@ -141,3 +143,11 @@ def test_the_main_pass_takes_the_bank_rows_embeddings_from_the_bank(bank_input, 
     query = MetricsFilter().with_namespace(model.metrics_namespace).with_name("num_inferences")
     (inferences,) = result.metrics().query(query)["counters"]
     assert inferences.committed == 13
+
+
+def test_the_index_read_emits_a_block_of_rows_an_element(bank_input):
+    pattern, _ = bank_input
+    plan = discover(ReadConfig(), pattern)
+    with TestPipeline() as p:
+        blocks = p | ReadRecords(plan, index_only=True)
+        assert_that(blocks | beam.Map(len), equal_to([N_ROWS, 1]))  # a.parquet, b.parquet

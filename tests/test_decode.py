@@ -469,7 +469,7 @@ def test_dedup_decode_in_one_step_matches_dedup_then_decode():
         "errors": [("a", "duplicate_uid"), ("b", "image_undecodable"), ("b", "duplicate_uid")],
     }
     with TestPipeline() as p:
-        first_refs = p | "Refs" >> beam.Create(refs) | FirstRefs(2)
+        first_refs = p | "Refs" >> beam.Create([refs[:2], refs[2:]]) | FirstRefs(2)  # blocks
         fused = (
             p
             | "Records" >> beam.Create(elements)

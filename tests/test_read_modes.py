@@ -60,7 +60,7 @@ def test_index_only_read_gives_every_record_its_uid_and_ref(plans):
         with TestPipeline() as p:
             full = p | "Full" >> ReadRecords(plan)
             refs = full | "Refs" >> beam.Map(lambda kv: (kv[0], record_ref(kv[1])))
-            index = p | "Index" >> ReadRecords(plan, index_only=True)
+            index = p | "Index" >> ReadRecords(plan, index_only=True) | beam.FlatMap(list)
             assert_that(_differences(refs, index), equal_to([]))
             n = refs | beam.combiners.Count.Globally()
             assert_that(n, _non_empty, label="Rows")

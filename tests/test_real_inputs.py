@@ -161,7 +161,7 @@ def test_index_and_selective_reads_see_the_failed_rows_too(tmp_path):
     plan = discover(ReadConfig(), str(tmp_path / "i2d"))
     full = [(r[0], (r[1], r[2])) for r in _collect(plan)]
     with TestPipeline() as p:
-        index = p | "Index" >> ReadRecords(plan, index_only=True)
+        index = p | "Index" >> ReadRecords(plan, index_only=True) | beam.FlatMap(list)
         assert_that(index | beam.Map(lambda kv: (kv[0], tuple(kv[1]))), equal_to(full))
         select = p | "Select" >> beam.Create([{"000010002": ("00001.parquet", 2)}])
         chosen = p | "Chosen" >> ReadRecords(plan, select=select)

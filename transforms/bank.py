@@ -70,7 +70,7 @@ def candidate_count(cfg: ScoreConfig) -> int:
 
 
 class _SmallestHashesFn(beam.DoFn):
-    """:class:`FirstRefs` pairs -> the bundle's ``n`` smallest (uid hash, uid, ref), sorted,
+    """:class:`FirstRefs` blocks -> the bundle's ``n`` smallest (uid hash, uid, ref), sorted,
     as one list; the hash is computed here, and the running list is cut back to ``n`` by
     ``heapq.nsmallest`` (plain tuples, compared in C) whenever it reaches ``2 n``."""
 
@@ -80,11 +80,12 @@ class _SmallestHashesFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._entries: list[tuple] = []
 
-    def process(self, element) -> Iterator[Any]:
-        uid, (_, ref) = element
-        self._entries.append((uid_hash(uid, self.salt), uid, ref))
-        if len(self._entries) >= 2 * self.n:
-            self._entries = heapq.nsmallest(self.n, self._entries)
+    def process(self, block) -> Iterator[Any]:
+        entries, salt = self._entries, self.salt
+        for uid, (_, ref) in block:
+            entries.append((uid_hash(uid, salt), uid, ref))
+            if len(entries) >= 2 * self.n:
+                entries[:] = heapq.nsmallest(self.n, entries)
         return ()
 
     def finish_bundle(self) -> Iterator[Any]:
@@ -114,7 +115,7 @@ class _MergeSmallest(beam.CombineFn):
 
 
 class BankCandidates(beam.PTransform):
-    """:class:`FirstRefs` pairs -> one ``{uid: first ref}`` dict of the bank candidates: the
+    """:class:`FirstRefs` blocks -> one ``{uid: first ref}`` dict of the bank candidates: the
     ``candidate_count`` uids with the smallest (salted hash, uid)."""
 
     def __init__(self, cfg: ScoreConfig) -> None:

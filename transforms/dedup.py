@@ -1,8 +1,8 @@
 """Duplicate uids: the first record of each uid (smallest source, row index) goes on.
 
-:class:`FirstRefs` counts each uid's records and finds its first ref from ``(uid, ref)``
-pairs (in ``capgap curate`` those come from the index pass, a uid-only read of the input:
-:mod:`capgap.transforms.bank`); :class:`DropDuplicateUids` sends every later record of a
+:class:`FirstRefs` counts each uid's records and finds its first ref from blocks of
+``(uid, ref)`` pairs (in ``capgap curate`` those come from the index pass, a uid-only read of
+the input: :mod:`capgap.transforms.bank`); :class:`DropDuplicateUids` sends every later record of a
 uid to ``errors/`` as ``duplicate_uid``, naming where the kept one was.
 
 A derived uid (``<shard>#N``, for a row without one: :func:`~capgap.transforms.readers.
@@ -10,7 +10,7 @@ record.derived_uid`) is unique by construction but can equal a real uid of the i
 Then the real one wins: it is the first ref of the uid whatever the order, and the
 derived record goes on as ``<shard>#N#derived`` instead of becoming a duplicate.
 
-    first_refs = refs | FirstRefs()
+    first_refs = refs | FirstRefs()   # refs: ReadRecords(plan, index_only=True), blocks
     unique = records | DropDuplicateUids(first_refs)   # unique.ok, unique[ERRORS]
     decoded = records | DedupDecode(first_refs, DecodeConfig(), CaptionConfig())  # one step
 """
@@ -51,8 +51,8 @@ def _bucket(uid: str, buckets: int) -> int:
 
 
 class _BucketRefsFn(beam.DoFn):
-    """(uid, ref) pairs -> (bucket, [(uid, (derived?, ref)), ...]) lists, one per bucket per
-    bundle (or per :data:`_MAX_HELD` pairs), so that the shuffle moves lists, not pairs."""
+    """Blocks of (uid, ref) pairs -> (bucket, [(uid, (derived?, ref)), ...]) lists, one per
+    bucket per bundle (or per :data:`_MAX_HELD` pairs), so that the shuffle moves lists."""
 
     def __init__(self, buckets: int) -> None:
         self.buckets = buckets
@@ -61,13 +61,12 @@ class _BucketRefsFn(beam.DoFn):
         self._lists: dict[int, list] = {}
         self._held = 0
 
-    def process(self, element) -> Iterator[tuple[int, list]]:
-        uid, ref = element
-        ref = tuple(ref)
-        self._lists.setdefault(_bucket(uid, self.buckets), []).append(
-            (uid, (is_derived(uid, ref), ref))
-        )
-        self._held += 1
+    def process(self, block) -> Iterator[tuple[int, list]]:
+        lists, buckets = self._lists, self.buckets
+        for uid, ref in block:
+            ref = tuple(ref)
+            lists.setdefault(_bucket(uid, buckets), []).append((uid, (is_derived(uid, ref), ref)))
+        self._held += len(block)
         if self._held >= _MAX_HELD:
             yield from self._flush()
 
@@ -81,9 +80,10 @@ class _BucketRefsFn(beam.DoFn):
         return out
 
 
-def _first_refs(bucket_lists) -> Iterator[tuple[str, tuple[int, tuple]]]:
-    """One bucket's lists -> (uid, (count, smallest ref)) per uid: a record with a real uid
-    before one whose uid is derived, then the smallest (source, index); order-independent."""
+def _first_refs(bucket_lists) -> list[tuple[str, tuple[int, tuple]]]:
+    """One bucket's lists -> a block of (uid, (count, smallest ref)), one per uid: a record
+    with a real uid before one whose uid is derived, then the smallest (source, index);
+    order-independent."""
     _, lists = bucket_lists
     seen: dict[str, list] = {}
     for entries in lists:
@@ -95,8 +95,7 @@ def _first_refs(bucket_lists) -> Iterator[tuple[str, tuple[int, tuple]]]:
                 known[0] += 1
                 if flagged_ref < known[1]:
                     known[1] = flagged_ref
-    for uid, (count, flagged_ref) in seen.items():
-        yield uid, (count, flagged_ref[1])
+    return [(uid, (count, flagged_ref[1])) for uid, (count, flagged_ref) in seen.items()]
 
 
 def check_duplicate(
@@ -140,22 +139,23 @@ class _DedupDecodeFn(DecodeFn):
         yield from super().process(kept)
 
 
+def _repeated(block: list[tuple[str, tuple[int, tuple]]]) -> list[tuple[str, tuple]]:
+    return [(uid, ref) for uid, (count, ref) in block if count > 1]
+
+
 def repeated_uids(first_refs):
     """:class:`FirstRefs` -> (uid, first ref) of the uids with more than one record."""
-    return (
-        first_refs
-        | "OnlyRepeated" >> beam.Filter(lambda kv: kv[1][0] > 1)
-        | "KeepRef" >> beam.Map(lambda kv: (kv[0], kv[1][1]))
-    )
+    return first_refs | "OnlyRepeated" >> beam.FlatMap(_repeated)
 
 
 class FirstRefs(beam.PTransform):
-    """(uid, ref) pairs (``ReadRecords(index_only=True)``) -> (uid, (number of records,
-    smallest ref)) for every uid.
+    """Blocks (lists) of (uid, ref) pairs (``ReadRecords(index_only=True)``) -> blocks of
+    (uid, (number of records, smallest ref)), every uid in one of them.
 
     The pairs are gathered into lists per bucket of uids (:func:`index_buckets`; ``buckets``
-    of them) where they are read, and each bucket is counted in one place: a pair costs a
-    list append rather than a keyed combine of its own through the shuffle.
+    of them) where they are read, and each bucket is counted in one place and comes out as
+    one block: a row costs a list append rather than a keyed combine of its own through the
+    shuffle, or a Beam element of its own before or after it.
     """
 
     def __init__(self, buckets: int = MIN_BUCKETS) -> None:
@@ -169,7 +169,7 @@ class FirstRefs(beam.PTransform):
             refs
             | "Bucket" >> beam.ParDo(_BucketRefsFn(self.buckets))
             | "ByBucket" >> beam.GroupByKey()
-            | "FirstRef" >> beam.FlatMap(_first_refs)
+            | "FirstRef" >> beam.Map(_first_refs)
         )
 
 
@@ -189,7 +189,7 @@ class DropDuplicateUids(beam.PTransform):
     def expand(self, records):
         first_refs = self.first_refs
         if first_refs is None:
-            refs = records | "Refs" >> beam.Map(lambda kv: (kv[0], record_ref(kv[1])))
+            refs = records | "Refs" >> beam.Map(lambda kv: [(kv[0], record_ref(kv[1]))])
             first_refs = refs | "Index" >> FirstRefs()
         duplicates = repeated_uids(first_refs)
         return records | "DropDuplicates" >> beam.ParDo(

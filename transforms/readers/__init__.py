@@ -13,8 +13,8 @@ column of the wrong type becomes a record that carries an ``error`` (a reason co
 :mod:`capgap.transforms.reasons`), which decoding routes to ``errors/``.
 
 Two lighter modes serve ``capgap curate``'s side passes (``transforms/bank.py``):
-``index_only`` emits ``(uid, (source, index))`` from as little of each shard as the uids
-need (Parquet: the uid column alone), and ``select`` reads only the records at given refs
+``index_only`` emits lists of ``(uid, (source, index))`` (a block of rows an element) from
+as little of each shard as the uids need (Parquet: the uid column alone), and ``select`` reads only the records at given refs
 (Parquet and HF skip the other rows before converting them to Python). Both see the same
 uid for every record as a full read, bad rows included.
 

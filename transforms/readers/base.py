@@ -27,13 +27,15 @@ from capgap.transforms.readers.record import (
 from capgap.transforms.reasons import Reason
 
 _COUNT_EVERY = 1024
+#: (uid, ref) pairs per element of an index-only read: one Beam element a block, not a row.
+_INDEX_BLOCK = 4096
 
 
 class _ReadFn(beam.DoFn):
     """Shared bookkeeping of the readers: uid choice, image-root choice, selection, counters.
 
-    ``index_only``: emit ``(uid, (source, index))`` instead of records, reading no more of
-    each shard than the uids need. ``process``'s ``select`` (a ``{uid: ref}`` dict, from a
+    ``index_only``: emit blocks (lists) of up to :data:`_INDEX_BLOCK` ``(uid, (source,
+    index))`` pairs instead of records, reading no more of each shard than the uids need. ``process``'s ``select`` (a ``{uid: ref}`` dict, from a
     side input) keeps only the records at those refs; readers of tables skip the other rows
     before converting them to Python.
     """
@@ -57,6 +59,7 @@ class _ReadFn(beam.DoFn):
                 self._select_id, self._wanted = id(select), selection(select)
             wanted = self._wanted
         counted = 0  # rows_in is bumped every _COUNT_EVERY rows: one inc() a row costs ~1 us
+        block: list[tuple[str, tuple[str, int]]] = []
         try:
             for uid, record in self.records(task, wanted):
                 if wanted is not None and record["source_index"] not in wanted.get(
@@ -67,7 +70,15 @@ class _ReadFn(beam.DoFn):
                 if counted == _COUNT_EVERY:
                     self.rows_in.inc(counted)
                     counted = 0
-                yield (uid, record_ref(record)) if self.index_only else (uid, record)
+                if not self.index_only:
+                    yield uid, record
+                    continue
+                block.append((uid, record_ref(record)))
+                if len(block) == _INDEX_BLOCK:
+                    yield block
+                    block = []
+            if block:
+                yield block
         finally:
             if counted:
                 self.rows_in.inc(counted)

@@ -22,8 +22,9 @@ class ReadRecords(beam.PTransform):
 
     ``namespace`` is the counters' (``rows_in``, ``shards_unreadable``): ``capgap curate``
     reads its input three times (index, bank, main pass) and counts only the main pass
-    under ``capgap``. ``index_only``: ``(uid, (source, index))`` pairs instead, from as
-    little of each shard as the uids need (Parquet: the uid column). ``select``: a
+    under ``capgap``. ``index_only``: lists of ``(uid, (source, index))`` pairs instead (up
+    to 4,096 rows an element: the index pass's per-row cost is a list append, not a Beam
+    element), from as little of each shard as the uids need (Parquet: the uid column). ``select``: a
     singleton PCollection of ``{uid: (source, index)}``; only the records at those refs
     are read (tables skip the other rows before converting them).
     """
