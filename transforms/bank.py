@@ -24,8 +24,8 @@ read to write in one fused stage:
 The index and bank passes cost a uid-only read and a selective read of the input (Parquet
 and HF skip the unselected rows before converting them; tar and CSV are read whole) and
 ``bank_size * (bank_oversample - 1)`` extra embeddings (the candidates left out of the
-bank), whatever the input's size. The bank
-pass's failures are not reported: the main pass meets the same records and records them.
+bank), whatever the input's size. The bank pass's failures are not reported: the main pass
+meets the same records and records them.
 Its counters use the ``capgap_bank`` namespace, the index pass's ``capgap_index``.
 
 Everything about the bank lives here: which uids (:func:`uid_hash`, :class:`BankCandidates`),

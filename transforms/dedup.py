@@ -2,8 +2,8 @@
 
 :class:`FirstRefs` counts each uid's records and finds its first ref from blocks of
 ``(uid, ref)`` pairs (in ``capgap curate`` those come from the index pass, a uid-only read of
-the input: :mod:`capgap.transforms.bank`); :class:`DropDuplicateUids` sends every later record of a
-uid to ``errors/`` as ``duplicate_uid``, naming where the kept one was.
+the input: :mod:`capgap.transforms.bank`); :class:`DropDuplicateUids` sends every later
+record of a uid to ``errors/`` as ``duplicate_uid``, naming where the kept one was.
 
 A derived uid (``<shard>#N``, for a row without one: :func:`~capgap.transforms.readers.
 record.derived_uid`) is unique by construction but can equal a real uid of the input.

@@ -14,8 +14,9 @@ column of the wrong type becomes a record that carries an ``error`` (a reason co
 
 Two lighter modes serve ``capgap curate``'s side passes (``transforms/bank.py``):
 ``index_only`` emits lists of ``(uid, (source, index))`` (a block of rows an element) from
-as little of each shard as the uids need (Parquet: the uid column alone), and ``select`` reads only the records at given refs
-(Parquet and HF skip the other rows before converting them to Python). Both see the same
+as little of each shard as the uids need (Parquet: the uid column alone), and ``select``
+reads only the records at given refs (Parquet and HF skip the other rows before converting
+them to Python). Both see the same
 uid for every record as a full read, bad rows included.
 
 Paths are anything Beam's ``FileSystems`` understands (local, ``gs://``, ...), with

@@ -35,9 +35,10 @@ class _ReadFn(beam.DoFn):
     """Shared bookkeeping of the readers: uid choice, image-root choice, selection, counters.
 
     ``index_only``: emit blocks (lists) of up to :data:`_INDEX_BLOCK` ``(uid, (source,
-    index))`` pairs instead of records, reading no more of each shard than the uids need. ``process``'s ``select`` (a ``{uid: ref}`` dict, from a
-    side input) keeps only the records at those refs; readers of tables skip the other rows
-    before converting them to Python.
+    index))`` pairs instead of records, reading no more of each shard than the uids need.
+    ``process``'s ``select`` (a ``{uid: ref}`` dict, from a side input) keeps only the
+    records at those refs; readers of tables skip the other rows before converting them to
+    Python.
     """
 
     def __init__(self, plan: InputPlan, namespace: str = "capgap", index_only: bool = False):
