@@ -244,6 +244,7 @@ def _rows(n, seed=0):
     for i in range(n):
         img, txt = unit(rng.normal(size=8)), unit(rng.normal(size=8))
         row = {"image_embedding": img, "text_embedding": txt, "logit_scale": 20.0, "x": i}
+        row.update(source="s", source_index=i)  # the bank keeps each row's ref
         out.append((f"u{i:03d}", row))
     return out
 

@@ -50,7 +50,7 @@ from capgap.models.clip_handler import ClipModelConfig
 from capgap.transforms.captions import CaptionConfig
 from capgap.transforms.decode import DecodeConfig, DecodeRecords
 from capgap.transforms.embed import EmbedPairs
-from capgap.transforms.readers import InputPlan, ReadRecords
+from capgap.transforms.readers import InputPlan, ReadRecords, record_ref
 from capgap.transforms.schema import ERRORS
 from capgap.transforms.score import ScoreConfig
 
@@ -180,17 +180,12 @@ class SampleBank(beam.PTransform):
                     kv[1]["image_embedding"],
                     kv[1]["text_embedding"],
                     kv[1]["logit_scale"],
-                    _ref(kv[1]),
+                    record_ref(kv[1]),
                 )
             )
             | "Smallest" >> beam.combiners.Top.Smallest(self.cfg.bank_size, key=lambda e: e[:2])
             | "AsBank" >> beam.Map(make_bank, tau)
         )
-
-
-def _ref(row: dict[str, Any]) -> tuple[Any, Any]:
-    """The (source, source_index) a bank row was read from (None, None where unknown)."""
-    return row.get("source"), row.get("source_index")
 
 
 def make_bank(entries: list[tuple], tau: float | None = None) -> dict[str, Any]:
@@ -235,7 +230,7 @@ class _FromBankFn(beam.DoFn):
             self._bank, self._rows = bank, {uid: i for i, uid in enumerate(bank["uids"])}
         uid, pair = element
         i = self._rows.get(uid)
-        if i is None or bank["refs"][i] != _ref(pair):
+        if i is None or bank["refs"][i] != record_ref(pair):
             yield beam.pvalue.TaggedOutput("embed", element)
             return
         row = {k: v for k, v in pair.items() if k != "pixels"}
