@@ -13,6 +13,12 @@ keep the uid attached:
     handler = KeyedModelHandler(ClipModelHandler(ClipModelConfig(device="cuda")))
     embedded = pairs | RunInference(handler)   # (uid, PredictionResult)
 
+A pair may carry ``precomputed_embeddings`` (:data:`PRECOMPUTED`: the prediction of the same
+model for it, e.g. from the bank pass) instead of ``pixels``: it passes through with that,
+and the model embeds only the others. Rows that
+skip the model so stay in the one stream (a Flatten of two streams is materialised on
+DirectRunner: ~60 us a row); counter ``embedded_by_model`` counts the rest.
+
 ``device: cuda`` without CUDA fails loudly in ``load_model`` (no CPU fallback). AMP
 (autocast) is used on CUDA when ``amp`` is on; on the CPU ``cpu_bf16`` runs the encoders
 in bf16 (opt-in: fast only on CPUs with native bf16 matrix units).
@@ -27,14 +33,18 @@ import hashlib
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+#: Key of a pair that holds its embeddings already (see the module docstring).
+PRECOMPUTED = "precomputed_embeddings"
 
 # ClipModelConfig fields that do not change the loaded model.
 _NOT_WEIGHTS = frozenset(
@@ -224,23 +234,25 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
         model: ClipEmbedder,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        img, txt, scale = model.embed([p["pixels"] for p in batch], [p["caption"] for p in batch])
-        model_id = self.cfg.model_id()
-        finite = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)  # once per batch
-        for i, pair in enumerate(batch):
-            yield PredictionResult(
-                pair,
-                {
-                    "image_embedding": img[i],
-                    "text_embedding": txt[i],
-                    "logit_scale": scale,
-                    "finite": bool(finite[i]),
-                },
-                model_id,
+        fresh = [p for p in batch if PRECOMPUTED not in p]
+        embedded: Iterator[dict[str, Any]] = iter(())
+        if fresh:
+            img, txt, scale = model.embed(
+                [p["pixels"] for p in fresh], [p["caption"] for p in fresh]
             )
+            finite = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)  # once a batch
+            Metrics.counter(self.cfg.metrics_namespace, "embedded_by_model").inc(len(fresh))
+            embedded = (
+                {"image_embedding": i, "text_embedding": t, "logit_scale": scale, "finite": f}
+                for i, t, f in zip(img, txt, finite.tolist(), strict=True)
+            )
+        model_id = self.cfg.model_id()
+        for pair in batch:
+            known = pair.get(PRECOMPUTED)
+            yield PredictionResult(pair, next(embedded) if known is None else known, model_id)
 
     def get_num_bytes(self, batch: Sequence[dict]) -> int:
-        return sum(p["pixels"].nbytes + len(p["caption"]) for p in batch)
+        return sum(p["pixels"].nbytes + len(p["caption"]) for p in batch if "pixels" in p)
 
     def get_metrics_namespace(self) -> str:
         return self.cfg.metrics_namespace

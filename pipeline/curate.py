@@ -228,7 +228,7 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
     if cache:
         main_embed = cache.embed(model_cfg, "embed")
     else:
-        main_embed = EmbedOutsideBank(EmbedPairs(model_cfg), bank, model_cfg.model_id())
+        main_embed = EmbedOutsideBank(EmbedPairs(model_cfg), bank)
     records = p | "Read" >> ReadRecords(plan)
     # Duplicate uids out, then decode + validate, in one step (one element boundary a row).
     decoded = records | "DedupDecode" >> DedupDecode(first_refs, cfg.decode, cfg.caption)

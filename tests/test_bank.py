@@ -139,10 +139,10 @@ def test_the_main_pass_takes_the_bank_rows_embeddings_from_the_bank(bank_input, 
     result = p.run()
     result.wait_until_finish()
     assert counter_values(result)["embeddings_from_bank"] == 6
-    # the main pass's model saw the other 13 rows (19 unique uids, one undecodable)
-    query = MetricsFilter().with_namespace(model.metrics_namespace).with_name("num_inferences")
-    (inferences,) = result.metrics().query(query)["counters"]
-    assert inferences.committed == 13
+    # the main pass's model embedded the other 13 rows (19 unique uids, one undecodable)
+    query = MetricsFilter().with_namespace(model.metrics_namespace).with_name("embedded_by_model")
+    (embedded,) = result.metrics().query(query)["counters"]
+    assert embedded.committed == 13
 
 
 def test_the_index_read_emits_a_block_of_rows_an_element(bank_input):

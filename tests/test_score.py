@@ -14,6 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from capgap.models.clip_handler import (
+    PRECOMPUTED,
     ClipEmbedder,
     ClipModelConfig,
     ClipModelHandler,
@@ -391,6 +392,41 @@ def test_handler_is_deterministic_and_normalised():
     fp = model_fingerprint(cfg)
     assert len(fp["sha256"]) == 64 and fp == model_fingerprint(cfg)
     assert model_fingerprint(ClipModelConfig(seed=1))["sha256"] != fp["sha256"]
+
+
+def test_handler_passes_precomputed_pairs_through_without_the_model():
+    handler = ClipModelHandler(ClipModelConfig(min_batch_size=2, max_batch_size=4))
+    model = handler.load_model()
+    pairs = _pairs(4)
+    alone = list(handler.run_inference(pairs[1:3], model))
+    known = {
+        "image_embedding": np.full(8, 0.5, np.float32),
+        "text_embedding": np.full(8, -0.5, np.float32),
+        "logit_scale": 42.0,
+        "finite": True,
+    }
+    mixed = [{"caption": "from the bank", PRECOMPUTED: known}, pairs[1], pairs[2], pairs[3]]
+    seen = []
+    embed = model.embed
+    model.embed = lambda pixels, captions: seen.append(list(captions)) or embed(pixels, captions)
+    try:
+        out = list(handler.run_inference(mixed, model))
+        assert seen == [["a red circle 1", "a red circle 2", "a red circle 3"]]
+        assert [r.example for r in out] == mixed  # one prediction per pair, in order
+        assert out[0].inference is known
+        for got, want in zip(out[1:3], alone, strict=True):
+            np.testing.assert_allclose(
+                got.inference["image_embedding"], want.inference["image_embedding"], atol=1e-5
+            )
+            assert got.inference["finite"] and got.inference["logit_scale"] == pytest.approx(
+                want.inference["logit_scale"]
+            )
+        seen.clear()
+        only_known = list(handler.run_inference(mixed[:1], model))
+        assert seen == [] and only_known[0].inference is known  # no model call at all
+    finally:
+        del model.embed
+    assert handler.get_num_bytes(mixed[:2]) == pairs[1]["pixels"].nbytes + len(pairs[1]["caption"])
 
 
 def test_steps_on_the_same_weights_share_one_model_per_process():

@@ -3,7 +3,8 @@
 :class:`EmbedPairs` runs ``(uid, pair)`` through ``RunInference`` with a keyed
 :class:`~capgap.models.clip_handler.ClipModelHandler` (batched, one model per process);
 a batch that raises becomes ``inference_failed`` rows in ``errors/``, a pair with a NaN
-or inf embedding ``embedding_nonfinite``.
+or inf embedding ``embedding_nonfinite``. A pair that carries its embeddings already
+(``precomputed_embeddings``, see the handler) goes through the same step without the model.
 
     embedded = pairs | EmbedPairs(ClipModelConfig(run_dir="runs/ref"))
     embedded["ok"], embedded["errors"]
@@ -18,7 +19,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from capgap.models.clip_handler import ClipModelConfig, ClipModelHandler
+from capgap.models.clip_handler import PRECOMPUTED, ClipModelConfig, ClipModelHandler
 from capgap.transforms.reasons import Reason, Stage, error_row
 from capgap.transforms.schema import ERRORS
 
@@ -39,6 +40,7 @@ class _EmbeddedRowFn(beam.DoFn):
         uid, result = element
         pair = dict(result.example)
         pair.pop("pixels", None)
+        pair.pop(PRECOMPUTED, None)
         inference = result.inference
         img, txt = inference["image_embedding"], inference["text_embedding"]
         if not inference["finite"]:
