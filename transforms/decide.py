@@ -170,23 +170,39 @@ RECAPTION_DISABLED = "disabled"  # recaption_status of rows marked recaption whe
 
 
 class _DecideFn(beam.DoFn):
+    """Scored (uid, row) + thresholds side input -> the row, tagged by its decision."""
+
     def __init__(self, recaption_stage: bool) -> None:
         self.recaption_stage = recaption_stage
 
     def process(self, element, thresholds) -> Iterator[Any]:
-        _, row = element
+        yield self.route(element[1], thresholds)
+
+    def route(self, row: dict[str, Any], thresholds: dict[str, Any]) -> Any:
         decision, reason = decide(row, thresholds)
         out = dict(row)
         out["decision"] = decision
         out["reason"] = reason.value
         out["caption_source"] = "original"
         if decision == DROP:
-            yield beam.pvalue.TaggedOutput(DROP, out)
-        elif decision == RECAPTION and self.recaption_stage:
-            yield beam.pvalue.TaggedOutput(RECAPTION, out)
-        else:
-            out["recaption_status"] = RECAPTION_DISABLED if decision == RECAPTION else None
-            yield out
+            return beam.pvalue.TaggedOutput(DROP, out)
+        if decision == RECAPTION and self.recaption_stage:
+            return beam.pvalue.TaggedOutput(RECAPTION, out)
+        out["recaption_status"] = RECAPTION_DISABLED if decision == RECAPTION else None
+        return out
+
+
+class _DecideFixedFn(_DecideFn):
+    """:class:`_DecideFn` with thresholds known when the graph is built (no quantile rule):
+    no side input, so Beam calls it through its plain per-element path (~3 us a row less
+    than a DoFn with a side input)."""
+
+    def __init__(self, recaption_stage: bool, thresholds: dict[str, Any]) -> None:
+        super().__init__(recaption_stage)
+        self.thresholds = thresholds
+
+    def process(self, element) -> Iterator[Any]:
+        yield self.route(element[1], self.thresholds)
 
 
 class Decide(beam.PTransform):
@@ -212,11 +228,14 @@ class Decide(beam.PTransform):
                 | "Histograms" >> beam.CombineGlobally(ScoreHistograms())
             )
             thresholds = hists | "Thresholds" >> beam.Map(lambda h: resolve_thresholds(cfg, h))
+            decide_fn = beam.ParDo(
+                _DecideFn(self.recaption_stage), thresholds=beam.pvalue.AsSingleton(thresholds)
+            )
         else:
-            thresholds = pipeline | "Thresholds" >> beam.Create([resolve_thresholds(cfg, None)])
-        outputs = scored | "Decide" >> beam.ParDo(
-            _DecideFn(self.recaption_stage), thresholds=beam.pvalue.AsSingleton(thresholds)
-        ).with_outputs(DROP, RECAPTION, main="keep")
+            fixed = resolve_thresholds(cfg, None)
+            thresholds = pipeline | "Thresholds" >> beam.Create([fixed])
+            decide_fn = beam.ParDo(_DecideFixedFn(self.recaption_stage, fixed))
+        outputs = scored | "Decide" >> decide_fn.with_outputs(DROP, RECAPTION, main="keep")
         return {
             "keep": outputs.keep,
             DROP: outputs[DROP],
