@@ -245,7 +245,7 @@ class EmbedOutsideBank(beam.PTransform):
     pass's rows that are not in ``bank``; a bank row passes through it with the embeddings
     the bank pass computed for the same record (the same model, decode and caption settings:
     the same pixels and tokens, so the same embeddings up to the float rounding of another
-    batch). One stream, no Flatten (DirectRunner materialises one: ~60 us a row). (uid,
+    batch). One stream, no Flatten (DirectRunner materialises one: ~55 us a row). (uid,
     pair) -> {"ok", "errors"} as ``embed`` returns; counter ``capgap/embeddings_from_bank``."""
 
     def __init__(self, embed: beam.PTransform, bank) -> None:
