@@ -229,12 +229,13 @@ class _FromBankFn(beam.DoFn):
         if i is None or bank["refs"][i] != record_ref(pair):
             yield element
             return
+        image, text = bank["images"][i], bank["texts"][i]
         known = {k: v for k, v in pair.items() if k != "pixels"}
         known[PRECOMPUTED] = {
-            "image_embedding": bank["images"][i],
-            "text_embedding": bank["texts"][i],
+            "image_embedding": image,
+            "text_embedding": text,
             "logit_scale": bank["logit_scales"][i],
-            "finite": True,  # the bank holds only rows that embedded finite
+            "finite": bool(np.isfinite(image).all() and np.isfinite(text).all()),
         }
         self.reused.inc()
         yield uid, known
