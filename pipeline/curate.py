@@ -224,9 +224,10 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
         plan, cfg.decode, cfg.caption, model_cfg, cfg.score, bank_embed
     )
     # The bank's rows were embedded by the bank pass: the main pass embeds the others. With
-    # --cache every row goes through the cache stage, which writes the entries of the build.
+    # --cache every row goes through the cache stage, which writes the entries of the build
+    # (a bank row the cache misses takes its embeddings from the bank).
     if cache:
-        main_embed = cache.embed(model_cfg, "embed")
+        main_embed = cache.embed(model_cfg, "embed", bank=bank)
     else:
         main_embed = EmbedOutsideBank(EmbedPairs(model_cfg), bank)
     records = p | "Read" >> ReadRecords(plan)

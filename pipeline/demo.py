@@ -1,9 +1,10 @@
 """``capgap demo``: the whole loop on the synthetic world, offline, on CPU.
 
-1. ``synth``: write the ``seed`` (dense), ``web`` (terse, 10% mismatched) and
-   ``test`` (dense, labelled) splits;
-2. train the reference CLIP (on ``seed``, or through a curriculum of clean splits:
-   see ``reference_pretrain``) and the dense captioner on ``seed``, side by side
+1. ``synth``: write the ``seed`` (dense) and ``test`` (dense, labelled) splits the
+   captioner reads;
+2. train the dense captioner on ``seed`` and, side by side, write the other splits
+   (``web``: terse, 10% mismatched; the reference's curriculum) and train the reference
+   CLIP (on ``seed``, or through a curriculum of clean splits: see ``reference_pretrain``)
    (``parallel`` processes, one torch thread each: the independent steps fill 2 cores);
 3. ``curate`` the ``web`` split through Beam (DirectRunner): score certainty and
    imbalance, drop mismatched pairs, recaption terse ones, write shards;
@@ -25,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -120,24 +121,55 @@ class Timer:
     """Wall time per demo step, printed as it goes."""
 
     steps: dict[str, float] = field(default_factory=dict)
+    jobs: dict[str, float] = field(default_factory=dict)
     _start: float = field(default_factory=time.perf_counter)
+    _round: dict[str, float] = field(default_factory=dict)
 
     def mark(self, name: str) -> None:
-        """Record the time since the previous mark under ``name``."""
+        """Record the time since the previous mark under ``name``, with the side-by-side jobs
+        that finished since (the longest is the step's critical path)."""
         now = time.perf_counter()
         self.steps[name] = round(now - self._start, 2)
-        print(f"== {name} done in {self.steps[name]:.1f}s", flush=True)
+        jobs = "".join(f"; {job} {seconds:.1f}s" for job, seconds in self._round.items())
+        print(f"== {name} done in {self.steps[name]:.1f}s{jobs}", flush=True)
+        self.jobs.update(self._round)
+        self._round = {}
         self._start = now
+
+    def side_by_side(self, pool: JobPool, jobs: dict[str, tuple[Callable, tuple]]) -> list[Any]:
+        """``pool.run`` of the named jobs, noting when each finished since the last mark."""
+        names = list(jobs)
+
+        def done(i: int) -> None:
+            self._round[names[i]] = round(time.perf_counter() - self._start, 2)
+
+        return pool.run(list(jobs.values()), on_done=done)
 
 
 # --- the steps --------------------------------------------------------------------------------
 
 
-def make_data(cfg: DemoConfig, pool: JobPool | None = None) -> dict[str, str]:
-    """Write the splits (on ``pool``'s workers when given); returns split -> Parquet glob."""
+# What the captioner reads (train_dense_captioner): written first, so it can start at once.
+CAPTIONER_SPLITS = ("seed", "test")
+
+
+def make_data(
+    cfg: DemoConfig, pool: JobPool | None = None, only: Sequence[str] | None = None
+) -> dict[str, str]:
+    """Write the splits, or those in ``only`` (on ``pool``'s workers when given; else in
+    this process, one shard at a time); returns split -> Parquet glob for every split."""
     synth_cfg = replace(cfg.synth, out=str(Path(cfg.out_dir) / "data"), split="all")
-    synth.run(synth_cfg, show_progress=False, pool=pool)
+    if pool is None:
+        synth_cfg = replace(synth_cfg, processes=1)
+    synth.run(synth_cfg, show_progress=False, pool=pool, only=only)
     return {name: str(Path(synth_cfg.out) / name / "*.parquet") for name in synth_cfg.splits}
+
+
+def make_data_and_train_reference(cfg: DemoConfig) -> Path:
+    """The splits the captioner does not read, then the reference CLIP: one job, which takes
+    about as long as the captioner's (the critical path) with them."""
+    data = make_data(cfg, only=[s for s in cfg.synth.splits if s not in CAPTIONER_SPLITS])
+    return train_reference(cfg, data)
 
 
 def train_reference(cfg: DemoConfig, data: dict[str, str]) -> Path:
@@ -309,30 +341,36 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     # One pool of workers for every side-by-side step: each imports torch and Beam once.
     with JobPool(cfg.parallel) as pool:
-        data = make_data(cfg, pool)
-        timer.mark("synth: seed / web / test splits")
-        reference, captioner = pool.run(
-            [(train_reference, (cfg, data)), (train_dense_captioner, (cfg, data))]
+        data = make_data(cfg, pool, only=CAPTIONER_SPLITS)
+        timer.mark("synth: seed / test splits")
+        reference, captioner = timer.side_by_side(
+            pool,
+            {
+                "reference": (make_data_and_train_reference, (cfg,)),
+                "captioner": (train_dense_captioner, (cfg, data)),
+            },
         )
-        timer.mark("train reference CLIP and dense captioner on seed")
+        timer.mark("synth the other splits + train reference CLIP | train dense captioner")
         manifest = curate_split(cfg, data["web"], reference, captioner)
         timer.mark("curate web (Beam: score, drop, recaption, write)")
 
         curated_glob = str(out / "curated" / "curated" / "*.parquet")
         budget = pairs_budget(cfg, data["web"])
-        student_original, student_curated = pool.run(
-            [
-                (train_student, (cfg, data["web"], "student-original", budget)),
-                (train_student, (cfg, curated_glob, "student-curated", budget)),
-            ]
+        student_original, student_curated = timer.side_by_side(
+            pool,
+            {
+                "student-original": (train_student, (cfg, data["web"], "student-original", budget)),
+                "student-curated": (train_student, (cfg, curated_glob, "student-curated", budget)),
+            },
         )
         timer.mark("train students on original and curated web")
 
-        original, curated = pool.run(
-            [
-                (evaluate_run, (cfg, student_original, data["test"])),
-                (evaluate_run, (cfg, student_curated, data["test"])),
-            ]
+        original, curated = timer.side_by_side(
+            pool,
+            {
+                "eval-original": (evaluate_run, (cfg, student_original, data["test"])),
+                "eval-curated": (evaluate_run, (cfg, student_curated, data["test"])),
+            },
         )
         timer.mark("evaluate both on test")
         pool.close(wait=False)  # the workers exit while the report is drawn
@@ -353,6 +391,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "curated": {key: curated.get(key) for key, _, _ in HEADLINE},
         "checks": checks,
         "timings_s": timer.steps,
+        "job_timings_s": timer.jobs,
         "total_s": round(time.perf_counter() - started, 1),
         "report": str(report),
     }

@@ -24,6 +24,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from capgap.transforms.bank import EmbedOutsideBank
 from capgap.transforms.cache import (
     CachedEmbed,
     Space,
@@ -34,6 +35,7 @@ from capgap.transforms.cache import (
     read_commits,
 )
 from capgap.transforms.cache_write import CommitCache, WriteEntries, count_stages
+from capgap.transforms.embed import EmbedPairs
 from capgap.transforms.readers import InputPlan
 from capgap.transforms.readers.discover import relative_name
 from capgap.transforms.recaption import RecaptionCache
@@ -61,9 +63,18 @@ class CachePlan:
     def files(self, stage: str) -> list[str]:
         return committed_files(self.commits, self.spaces[stage], self.prefix)
 
-    def embed(self, model: Any, stage: str, write: bool = True) -> CachedEmbed:
+    def embed(self, model: Any, stage: str, write: bool = True, bank: Any = None) -> CachedEmbed:
+        """The cache stage of ``model``'s embeddings; ``bank``: the bank pass's PCollection,
+        whose rows' embeddings the misses take from it instead of the model."""
+        embed = EmbedOutsideBank(EmbedPairs(model), bank) if bank is not None else None
         return CachedEmbed(
-            model, self.decode, self.spaces["embed"], self.files("embed"), stage, write=write
+            model,
+            self.decode,
+            self.spaces["embed"],
+            self.files("embed"),
+            stage,
+            write=write,
+            embed=embed,
         )
 
     @staticmethod

@@ -199,15 +199,25 @@ def _shard_jobs(cfg: SynthConfig, split_name: str) -> list[tuple[Callable, tuple
 
 
 def run(
-    cfg: SynthConfig, show_progress: bool = True, pool: JobPool | None = None
+    cfg: SynthConfig,
+    show_progress: bool = True,
+    pool: JobPool | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict[str, list[Path]]:
-    """Write the configured split(s); returns the shard paths per split.
+    """Write the configured split(s), or the splits named in ``only``; returns the shard
+    paths per split.
 
     Every row is a function of (world seed, split, index) alone, so shards are independent:
     ``cfg.processes`` of them are written side by side, to the same bytes as one at a time
-    (on ``pool``'s workers when given, as many as it has).
+    (on ``pool``'s workers when given, as many as it has), and splits written by separate
+    calls are the same as those of one call.
     """
     names = list(cfg.splits) if cfg.split == "all" else [cfg.split]
+    if only is not None:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise ValueError(f"no split {unknown} in {names}")
+        names = [name for name in names if name in only]
     jobs = [(name, job) for name in names for job in _shard_jobs(cfg, name)]
     bar = tqdm(total=len(jobs), desc="synth", unit="shard", disable=not show_progress)
     paths = run_side_by_side(

@@ -30,6 +30,23 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "report" / "report.md").is_file()
     assert list((tmp_path / "report").glob("*.png"))
     assert (tmp_path / "config.yaml").is_file()
+    # every split written (the captioner's first, the rest in the reference's job)
+    for split in cfg.synth.splits:
+        assert list((tmp_path / "data" / split).glob("*.parquet")), split
+    # each side-by-side job's finish time, within its step's
+    steps, jobs = headline["timings_s"], headline["job_timings_s"]
+    rounds = {
+        "synth the other splits + train reference CLIP | train dense captioner": (
+            "reference",
+            "captioner",
+        ),
+        "train students on original and curated web": ("student-original", "student-curated"),
+        "evaluate both on test": ("eval-original", "eval-curated"),
+    }
+    assert set(jobs) == {job for names in rounds.values() for job in names}
+    for step, names in rounds.items():
+        assert max(jobs[name] for name in names) <= steps[step] + 0.01
+        assert min(jobs[name] for name in names) > 0
 
 
 def test_student_epochs_match_the_budget_to_the_nearest_whole_epoch():

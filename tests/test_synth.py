@@ -131,6 +131,21 @@ def test_shards_written_side_by_side_are_the_same_files(tmp_path):
         synth.SynthConfig(processes=0)
 
 
+def test_splits_written_by_separate_calls_are_the_same_files(tmp_path):
+    whole = synth.SynthConfig(out=str(tmp_path / "whole"), split="all", n=30, shards=2)
+    written = synth.run(whole, show_progress=False)
+    parts = synth.SynthConfig(out=str(tmp_path / "parts"), split="all", n=30, shards=2)
+    names = list(parts.splits)
+    first = synth.run(parts, show_progress=False, only=names[:1])
+    rest = synth.run(parts, show_progress=False, only=names[1:])
+    assert list(first) == names[:1] and list(rest) == names[1:]
+    for name, paths in written.items():
+        split_paths = (first | rest)[name]
+        assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in split_paths]
+    with pytest.raises(ValueError, match="no split"):
+        synth.run(parts, show_progress=False, only=["nope"])
+
+
 def test_parquet_schema(tmp_path):
     cfg = synth.SynthConfig(out=str(tmp_path), split="seed", n=10, shards=2)
     path = synth.run(cfg, show_progress=False)["seed"][0]

@@ -383,7 +383,9 @@ class CachedEmbed(beam.PTransform):
     """:class:`~capgap.transforms.embed.EmbedPairs` that takes embeddings from the cache where
     it has them: (uid, pair) -> {"ok", "errors"} as EmbedPairs returns, and after expansion
     ``cache_outputs``: the new entries (unless ``write`` is off) and the hit / miss
-    PCollections of ``stage``."""
+    PCollections of ``stage``. ``embed``: the transform that embeds the misses (an
+    :class:`~capgap.transforms.bank.EmbedOutsideBank` takes the bank's rows from the bank);
+    default ``EmbedPairs(model)``."""
 
     def __init__(
         self,
@@ -393,10 +395,12 @@ class CachedEmbed(beam.PTransform):
         files: list[str],
         stage: str = "embed",
         write: bool = True,
+        embed: beam.PTransform | None = None,
     ) -> None:
         super().__init__()
         self.model, self.decode, self.space, self.files = model, decode, space, files
         self.stage, self.write = stage, write
+        self.embed = embed  # what embeds the misses: EmbedPairs(model) unless given
         self.cache_outputs: dict[str, Any] = {}
 
     def expand(self, pairs):
@@ -408,7 +412,7 @@ class CachedEmbed(beam.PTransform):
         )
         hits = split[HIT] | "FromCache" >> beam.Map(_cached_row, self.model.model_id())
         misses = split[MISS] | "Redecode" >> beam.Map(_redecode, self.decode)
-        fresh = misses | "Embed" >> EmbedPairs(self.model)
+        fresh = misses | "Embed" >> (self.embed or EmbedPairs(self.model))
         ok = (hits, fresh["ok"]) | "Embedded" >> beam.Flatten()
         entries = {}
         if self.write:
