@@ -17,7 +17,9 @@ A pair may carry ``precomputed_embeddings`` (:data:`PRECOMPUTED`: the prediction
 model for it, e.g. from the bank pass) instead of ``pixels``: it passes through with that,
 and the model embeds only the others, so rows that skip the model stay in the one stream
 (DirectRunner materialises a Flatten of two streams: ~55 us a row). Counter
-``embedded_by_model`` counts the pairs the model embedded.
+``embedded_by_model`` counts the pairs the model embedded. When the model raises on a batch,
+each pair it held gets ``{FAILED: (type, message)}`` as its inference (``errors/``:
+``inference_failed``), and the pairs that carried their embeddings keep them.
 
 ``device: cuda`` without CUDA fails loudly in ``load_model`` (no CPU fallback). AMP
 (autocast) is used on CUDA when ``amp`` is on; on the CPU ``cpu_bf16`` runs the encoders
@@ -45,6 +47,10 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 #: Key of a pair that holds its embeddings already (see the module docstring).
 PRECOMPUTED = "precomputed_embeddings"
+#: Key of the inference of a pair whose batch the model raised on: (exception type, message).
+FAILED = "failed"
+#: Key of a precomputed inference that came from the build cache (no new cache entry).
+CACHED = "cached"
 
 # ClipModelConfig fields that do not change the loaded model.
 _NOT_WEIGHTS = frozenset(
@@ -237,15 +243,22 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
         fresh = [p for p in batch if PRECOMPUTED not in p]
         embedded: Iterator[dict[str, Any]] = iter(())
         if fresh:
-            img, txt, scale = model.embed(
-                [p["pixels"] for p in fresh], [p["caption"] for p in fresh]
-            )
-            finite = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)  # once a batch
-            Metrics.counter(self.cfg.metrics_namespace, "embedded_by_model").inc(len(fresh))
-            embedded = (
-                {"image_embedding": i, "text_embedding": t, "logit_scale": scale, "finite": f}
-                for i, t, f in zip(img, txt, finite.tolist(), strict=True)
-            )
+            try:
+                img, txt, scale = model.embed(
+                    [p["pixels"] for p in fresh], [p["caption"] for p in fresh]
+                )
+            except Exception as err:  # noqa: BLE001 - recorded on every row the model held
+                # What RunInference's dead-letter output would do with the whole batch, but
+                # the pairs that carry their embeddings (bank, cache) keep them.
+                failed = {FAILED: (type(err).__name__, str(err))}
+                embedded = (failed for _ in fresh)
+            else:
+                finite = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)
+                Metrics.counter(self.cfg.metrics_namespace, "embedded_by_model").inc(len(fresh))
+                embedded = (
+                    {"image_embedding": i, "text_embedding": t, "logit_scale": scale, "finite": f}
+                    for i, t, f in zip(img, txt, finite.tolist(), strict=True)
+                )
         model_id = self.cfg.model_id()
         for pair in batch:
             known = pair.get(PRECOMPUTED)

@@ -66,7 +66,9 @@ class CachePlan:
     def embed(self, model: Any, stage: str, write: bool = True, bank: Any = None) -> CachedEmbed:
         """The cache stage of ``model``'s embeddings; ``bank``: the bank pass's PCollection,
         whose rows' embeddings the misses take from it instead of the model."""
-        embed = EmbedOutsideBank(EmbedPairs(model), bank) if bank is not None else None
+        embed = None
+        if bank is not None:
+            embed = EmbedOutsideBank(EmbedPairs(model, new_rows=True), bank)
         return CachedEmbed(
             model,
             self.decode,

@@ -31,8 +31,9 @@ from capgap.transforms.decide import (
     resolve_thresholds,
     score_bin,
 )
-from capgap.transforms.embed import _EmbeddedRowFn
+from capgap.transforms.embed import EmbedPairs, _EmbeddedRowFn
 from capgap.transforms.reasons import Reason
+from capgap.transforms.schema import ERRORS
 from capgap.transforms.score import (
     CERTAINTY_METHODS,
     ScoreConfig,
@@ -520,6 +521,37 @@ class _NanForOddRows:
         img[1::4] = np.nan
         txt[3::4] = np.inf
         return img, txt, 20.0
+
+
+def test_a_failed_model_batch_fails_its_model_rows_and_keeps_the_precomputed_ones(monkeypatch):
+    """The model raises on a batch: the pairs it held become inference_failed rows, with the
+    exception; a pair that carried its embeddings (bank, cache) keeps them, in ok."""
+
+    def broken(self, pixels, captions):
+        raise RuntimeError(f"device lost on {len(captions)} pairs")
+
+    monkeypatch.setattr(ClipEmbedder, "embed", broken)
+    known = {
+        "image_embedding": unit(np.ones(8)).astype(np.float32),
+        "text_embedding": unit(np.ones(8)).astype(np.float32),
+        "logit_scale": 20.0,
+        "finite": True,
+    }
+    rows = [dict(p, uid=f"u{i}", source="s", source_index=i) for i, p in enumerate(_pairs(3))]
+    banked = {"uid": "b", "source": "s", "source_index": 9, "caption": "c", PRECOMPUTED: known}
+    model = ClipModelConfig(min_batch_size=4, max_batch_size=4)
+    with TestPipeline() as p:
+        out = (
+            p
+            | beam.Create([(r["uid"], r) for r in [*rows, banked]], reshuffle=False)
+            | EmbedPairs(model)
+        )
+        assert_that(out["ok"] | beam.Map(lambda kv: kv[0]), equal_to(["b"]), label="ok")
+        errors = out[ERRORS] | beam.Map(
+            lambda e: (e["uid"], e["reason"], e["error_class"], e["message"].split()[0])
+        )
+        failed = [(r["uid"], "inference_failed", "RuntimeError", "device") for r in rows]
+        assert_that(errors, equal_to(failed), label="errors")
 
 
 def test_non_finite_embeddings_are_flagged_and_go_to_errors():

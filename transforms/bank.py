@@ -226,8 +226,8 @@ class _FromBankFn(beam.DoFn):
             self._bank, self._rows = bank, {uid: i for i, uid in enumerate(bank["uids"])}
         uid, pair = element
         i = self._rows.get(uid)
-        if i is None or bank["refs"][i] != record_ref(pair):
-            yield element
+        if i is None or PRECOMPUTED in pair or bank["refs"][i] != record_ref(pair):
+            yield element  # not a bank row, or one with its embeddings already (the cache's)
             return
         image, text = bank["images"][i], bank["texts"][i]
         known = {k: v for k, v in pair.items() if k != "pixels"}

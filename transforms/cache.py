@@ -43,9 +43,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from capgap.models.captioner import fingerprint_dir
-from capgap.models.clip_handler import ClipModelConfig, model_fingerprint
+from capgap.models.clip_handler import CACHED, PRECOMPUTED, ClipModelConfig, model_fingerprint
 from capgap.transforms.decode import decode_image
-from capgap.transforms.embed import EmbedPairs
+from capgap.transforms.embed import NEW, EmbedPairs
 from capgap.transforms.schema import ERRORS
 
 LOG = logging.getLogger("capgap.cache")
@@ -221,10 +221,11 @@ def _order(kind: str, value: Any) -> Any:
 
 
 class _SplitFn(beam.DoFn):
-    """(key, {items, entries}) -> hit (key, item, value) per item, or miss (key, item)."""
+    """(key, {items, entries}) -> hit (key, item, value) per item, or miss (key, item);
+    ``one_stream``: every item as (key, item, value or None) on the main output."""
 
-    def __init__(self, kind: str, stage: str) -> None:
-        self.kind, self.stage = kind, stage
+    def __init__(self, kind: str, stage: str, one_stream: bool = False) -> None:
+        self.kind, self.stage, self.one_stream = kind, stage, one_stream
 
     def setup(self) -> None:
         self.hits = Metrics.counter(COUNTER_NAMESPACE, f"cache.{self.stage}.{HIT}")
@@ -237,7 +238,10 @@ class _SplitFn(beam.DoFn):
         for item in grouped["items"]:
             if value is None:
                 self.misses.inc()
-                yield beam.pvalue.TaggedOutput(MISS, (key, item))
+                if self.one_stream:
+                    yield key, item, None
+                else:
+                    yield beam.pvalue.TaggedOutput(MISS, (key, item))
             else:
                 self.hits.inc()
                 yield key, item, value
@@ -245,11 +249,13 @@ class _SplitFn(beam.DoFn):
 
 class LookUp(beam.PTransform):
     """(key, item) -> tagged ``hit`` (key, item, value) and ``miss`` (key, item), by a
-    ``CoGroupByKey`` with the entries in ``files`` (Parquet shards of ``kind``)."""
+    ``CoGroupByKey`` with the entries in ``files`` (Parquet shards of ``kind``);
+    ``one_stream``: one PCollection of (key, item, value or None) instead."""
 
-    def __init__(self, files: list[str], kind: str, stage: str) -> None:
+    def __init__(self, files: list[str], kind: str, stage: str, one_stream: bool = False) -> None:
         super().__init__()
         self.files, self.kind, self.stage = list(files), kind, stage
+        self.one_stream = one_stream
 
     def expand(self, keyed):
         p = keyed.pipeline
@@ -265,7 +271,10 @@ class LookUp(beam.PTransform):
         return (
             {"items": keyed, "entries": entries}
             | "Join" >> beam.CoGroupByKey()
-            | "Split" >> beam.ParDo(_SplitFn(self.kind, self.stage)).with_outputs(MISS, main=HIT)
+            | "Split"
+            >> beam.ParDo(_SplitFn(self.kind, self.stage, self.one_stream)).with_outputs(
+                MISS, main=HIT
+            )
         )
 
 
@@ -351,22 +360,34 @@ def _keyed_pair(element: tuple[str, dict], space: str) -> tuple[str, tuple[str, 
     return embed_key(row, space), (uid, row)
 
 
-def _cached_row(element: tuple, model_id: str) -> tuple[str, dict]:
-    _, (uid, row), (image, text, scale) = element
-    out = {k: v for k, v in row.items() if k != "pixels"}
-    out["image_embedding"], out["text_embedding"] = image, text
-    out["logit_scale"], out["model_id"] = scale, model_id
-    return uid, out
-
-
-def _redecode(element: tuple, decode: Any) -> tuple[str, dict]:
-    """A miss gets its pixels back from its stored image bytes (the same pixels: the bytes are
-    the original ones or a lossless PNG of the normalised image, EXIF already applied); a
-    lossy re-encode kept its pixels through the join."""
-    _, (uid, row) = element
+def _hit_or_redecode(element: tuple, decode: Any) -> tuple[str, dict]:
+    """A hit carries the cache's embeddings (``PRECOMPUTED``) through the embedding step; a
+    miss gets its pixels back from its stored image bytes (the same pixels: the bytes are
+    the original ones or a lossless PNG of the normalised image, EXIF already applied; a
+    lossy re-encode kept its pixels through the join)."""
+    _, (uid, row), value = element
+    if value is not None:
+        image, text, scale = value
+        out = {k: v for k, v in row.items() if k != "pixels"}
+        out[PRECOMPUTED] = {
+            "image_embedding": image,
+            "text_embedding": text,
+            "logit_scale": scale,
+            "finite": bool(np.isfinite(image).all() and np.isfinite(text).all()),
+            CACHED: True,
+        }
+        return uid, out
     if "pixels" in row:
         return uid, row
     return uid, {**row, "pixels": decode_image(row["image"], decode).pixels}
+
+
+def _is_hit(element: tuple) -> bool:
+    return element[2] is not None
+
+
+def _is_miss(element: tuple) -> bool:
+    return element[2] is None
 
 
 def _embedding_entry(element: tuple[str, dict], space: str) -> dict[str, Any]:
@@ -383,9 +404,12 @@ class CachedEmbed(beam.PTransform):
     """:class:`~capgap.transforms.embed.EmbedPairs` that takes embeddings from the cache where
     it has them: (uid, pair) -> {"ok", "errors"} as EmbedPairs returns, and after expansion
     ``cache_outputs``: the new entries (unless ``write`` is off) and the hit / miss
-    PCollections of ``stage``. ``embed``: the transform that embeds the misses (an
+    PCollections of ``stage``. Hits and misses go through one embedding step, the hits
+    carrying the cache's embeddings past the model (``PRECOMPUTED``, marked ``CACHED``);
+    entries are written for the rest (its ``new`` output). ``embed``: that step, an
+    ``EmbedPairs(..., new_rows=True)`` or a transform around one (an
     :class:`~capgap.transforms.bank.EmbedOutsideBank` takes the bank's rows from the bank);
-    default ``EmbedPairs(model)``."""
+    default ``EmbedPairs(model, new_rows=True)``."""
 
     def __init__(
         self,
@@ -400,25 +424,28 @@ class CachedEmbed(beam.PTransform):
         super().__init__()
         self.model, self.decode, self.space, self.files = model, decode, space, files
         self.stage, self.write = stage, write
-        self.embed = embed  # what embeds the misses: EmbedPairs(model) unless given
+        self.embed = embed
         self.cache_outputs: dict[str, Any] = {}
 
     def expand(self, pairs):
         fp = self.space.fingerprint
-        split = (
+        # One stream: hits carry the cache's embeddings through the same RunInference step
+        # as the misses (no Flatten of two streams, which DirectRunner materialises).
+        looked = (
             pairs
             | "Key" >> beam.Map(_keyed_pair, fp)
-            | "LookUp" >> LookUp(self.files, EMBEDDINGS, self.stage)
+            | "LookUp" >> LookUp(self.files, EMBEDDINGS, self.stage, one_stream=True)
         )
-        hits = split[HIT] | "FromCache" >> beam.Map(_cached_row, self.model.model_id())
-        misses = split[MISS] | "Redecode" >> beam.Map(_redecode, self.decode)
-        fresh = misses | "Embed" >> (self.embed or EmbedPairs(self.model))
-        ok = (hits, fresh["ok"]) | "Embedded" >> beam.Flatten()
+        marked = looked[HIT] | "HitOrRedecode" >> beam.Map(_hit_or_redecode, self.decode)
+        embedded = marked | "Embed" >> (self.embed or EmbedPairs(self.model, new_rows=True))
         entries = {}
         if self.write:
-            entries["embed"] = fresh["ok"] | "Entries" >> beam.Map(_embedding_entry, fp)
+            entries["embed"] = embedded[NEW] | "Entries" >> beam.Map(_embedding_entry, fp)
         self.cache_outputs = {
             "entries": entries,
-            "stages": {f"{self.stage}.{HIT}": split[HIT], f"{self.stage}.{MISS}": split[MISS]},
+            "stages": {
+                f"{self.stage}.{HIT}": looked[HIT] | "Hits" >> beam.Filter(_is_hit),
+                f"{self.stage}.{MISS}": looked[HIT] | "Misses" >> beam.Filter(_is_miss),
+            },
         }
-        return {"ok": ok, ERRORS: fresh[ERRORS]}
+        return {"ok": embedded["ok"], ERRORS: embedded[ERRORS]}
