@@ -186,7 +186,9 @@ class ClipEmbedder:
     def embed(
         self, pixels: Sequence[np.ndarray], captions: Sequence[str]
     ) -> tuple[np.ndarray, np.ndarray, float]:
-        """L2-normalised (image, text) embeddings as float32 arrays, and exp(logit_scale)."""
+        """L2-normalised (image, text) embeddings as float32 arrays, and exp(logit_scale).
+        ``captions`` may outnumber ``pixels`` (the gate's two captions an image): each comes
+        back in its order."""
         import torch
         from PIL import Image
 

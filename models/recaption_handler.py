@@ -10,9 +10,11 @@ never at construction, so the handler pickles cheaply to workers;
 
 ``CaptionGateModelHandler`` takes ``(row, new_caption)`` pairs and returns the
 reference CLIP's cosine of the image with the new and with the original caption
-(``GateScores``), loading the CLIP run with ``clip_factory.load_run`` and encoding with
-``clip_embed.encode_pairs``. Both decode images with ``capgap.core.images.rgb_image``: a row
-that does not decode fails its batch with a ``ValueError`` naming the row's uid.
+(``GateScores``), through the process's ``ClipEmbedder`` for its ``ClipModelConfig`` (the
+CLIP run, with the scoring model's precision: autocast on CUDA, ``cpu_bf16``; one copy in
+memory when it is the scoring model). Both decode images with
+``capgap.core.images.rgb_image``: a row that does not decode fails its batch with a
+``ValueError`` naming the row's uid.
 
     handler = RecaptionModelHandler(CaptionerConfig(model="runs/captioner"), max_batch_size=32)
     rows | RunInference(KeyedModelHandler(handler))        # on (uid, row) pairs
@@ -20,14 +22,17 @@ that does not decode fails its batch with a ``ValueError`` naming the row's uid.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from capgap.core.images import rgb_image
 from capgap.models.captioner import Captioner, CaptionerConfig, load_captioner
+from capgap.models.clip_handler import ClipModelConfig, load_embedder
 
 
 def _what(row: dict) -> str:
@@ -113,23 +118,31 @@ class GateScores:
     original: float
 
 
+def gate_clip(
+    clip_run: str, device: str = "cpu", precision_of: ClipModelConfig | None = None
+) -> ClipModelConfig:
+    """The gate's CLIP: the run at ``clip_run`` on ``device``, with the autocast, bf16 and
+    thread settings of ``precision_of`` (the scoring model's; default ClipModelConfig's)."""
+    base = precision_of if precision_of is not None else ClipModelConfig()
+    return dataclasses.replace(
+        base,
+        run_dir=clip_run,
+        hf_model=None,
+        device=device,
+        metrics_namespace="capgap_recaption_gate",
+        share_model_across_processes=False,
+        model_copies=None,
+    )
+
+
 class _ClipScorer:
-    """A loaded reference CLIP: cos(image, caption) for batches of pairs."""
+    """A loaded CLIP: cos(image, caption) for batches of pairs."""
 
-    def __init__(self, run_dir: str, device: str) -> None:
-        from capgap.models.clip_factory import load_run
-
-        self.model, self.preprocess, self.tokenizer = load_run(run_dir, device=device)
-        self.device = next(self.model.parameters()).device
+    def __init__(self, clip: ClipModelConfig) -> None:
+        self.embedder = load_embedder(clip)
 
     def scores(self, images: Sequence[Any], new: Sequence[str], original: Sequence[str]):
-        import torch
-
-        from capgap.models.clip_embed import encode_pairs
-
-        pixels = torch.stack([self.preprocess(im) for im in images])
-        texts = self.tokenizer([*new, *original])
-        img, txt = encode_pairs(self.model, pixels, texts, self.device)
+        img, txt, _ = self.embedder.embed([np.asarray(im) for im in images], [*new, *original])
         n = len(images)
         cos_new = (img * txt[:n]).sum(-1).tolist()
         cos_original = (img * txt[n:]).sum(-1).tolist()
@@ -137,11 +150,12 @@ class _ClipScorer:
 
 
 class CaptionGateModelHandler(ModelHandler[tuple, GateScores, Any]):
-    """Scores ``(row, new_caption, ...)`` tuples with the reference CLIP run at ``clip_run``."""
+    """Scores ``(row, new_caption, ...)`` tuples with a CLIP run: ``clip`` is a run folder
+    (float32 on ``device``) or a :func:`gate_clip` config."""
 
     def __init__(
         self,
-        clip_run: str,
+        clip: str | ClipModelConfig,
         *,
         device: str = "cpu",
         min_batch_size: int | None = 1,
@@ -151,13 +165,13 @@ class CaptionGateModelHandler(ModelHandler[tuple, GateScores, Any]):
         caption_key: str = "caption",
     ) -> None:
         super().__init__(**_batching(min_batch_size, max_batch_size, max_batch_duration_secs))
-        self.clip_run = clip_run
-        self.device = device
+        self.clip = gate_clip(clip, device) if isinstance(clip, str) else clip
+        self.clip_run = self.clip.run_dir
         self.image_key = image_key
         self.caption_key = caption_key
 
     def load_model(self) -> _ClipScorer:
-        return _ClipScorer(self.clip_run, self.device)
+        return _ClipScorer(self.clip)
 
     def run_inference(
         self,

@@ -239,7 +239,9 @@ def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> 
 
     recaption = None
     if recaption_on:
-        recaption = Recaption(stage_cfg, cache=cache.recaption() if cache else None)
+        recaption = Recaption(
+            stage_cfg, cache=cache.recaption() if cache else None, gate_precision=model_cfg
+        )
         recaptioned = decided[RECAPTION] | "Recaption" >> recaption
         curated = (decided["keep"], recaptioned) | "Curated" >> beam.Flatten()
     else:

@@ -24,6 +24,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from capgap.models.recaption_handler import gate_clip
 from capgap.transforms.bank import EmbedOutsideBank
 from capgap.transforms.cache import (
     CachedEmbed,
@@ -104,7 +105,7 @@ def plan_cache(cfg: Any, build_id: str, model: Any, stage: Any | None) -> CacheP
     if stage is not None:
         spaces["caption"] = captioner_space(stage.captioner)
         if stage.gate.enabled:
-            spaces["gate"] = gate_space(stage.gate.clip_run, stage.gate.device)
+            spaces["gate"] = gate_space(gate_clip(stage.gate.clip_run, stage.gate.device, model))
     return CachePlan(prefix, build_id, read_commits(prefix), cfg.decode, spaces)
 
 

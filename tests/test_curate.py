@@ -204,9 +204,10 @@ def test_recaption_stage_is_wired_behind_the_switch(mixed_input, tmp_path, monke
     seen = []
 
     class FakeRecaption(beam.PTransform):
-        def __init__(self, config, label=None, cache=None):
+        def __init__(self, config, label=None, cache=None, gate_precision=None):
             super().__init__(label)
             assert cache is None  # no --cache: no lookups
+            assert gate_precision.cpu_bf16  # the gate CLIP follows the scoring CLIP's precision
             seen.append(config)
 
         def expand(self, rows):
@@ -224,7 +225,8 @@ def test_recaption_stage_is_wired_behind_the_switch(mixed_input, tmp_path, monke
     pattern, _, _ = mixed_input
     output = tmp_path / "recap"
     manifest = curate.run(
-        argv(pattern, output, "--set", "recaption.enabled=true"), test_pipeline=TestPipeline()
+        argv(pattern, output, "--set", "recaption.enabled=true", "--set", "model.cpu_bf16=true"),
+        test_pipeline=TestPipeline(),
     )
     assert len(seen) == 1 and isinstance(seen[0], recaption.RecaptionConfig)
     rows = read_rows(output)["curated"]

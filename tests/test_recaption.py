@@ -23,6 +23,7 @@ from capgap.models.recaption_handler import (
     CaptionGateModelHandler,
     GateScores,
     RecaptionModelHandler,
+    gate_clip,
 )
 from capgap.transforms.recaption import GateConfig, Recaption, RecaptionConfig, finalize_row
 
@@ -254,6 +255,35 @@ def test_gate_scores_match_the_reference_clip(ved_dir, clip_run):
         )
     assert [s.new for s in scores] == pytest.approx((img * new).sum(-1).tolist(), abs=1e-5)
     assert [s.original for s in scores] == pytest.approx((img * old).sum(-1).tolist(), abs=1e-5)
+
+
+def test_the_gate_takes_the_scoring_models_precision_and_shares_its_copy(clip_run):
+    """The gate CLIP runs as the scoring CLIP does (cpu_bf16, threads, autocast on CUDA) and,
+    when it is the scoring CLIP, is the same object in memory; in bf16 its cosines stay within
+    0.02 of float32's; its cache space moves with bf16 and not for float32."""
+    from capgap.models.clip_handler import ClipModelConfig, load_embedder
+    from capgap.transforms.cache import gate_space
+
+    scoring = ClipModelConfig(
+        run_dir=str(clip_run), cpu_bf16=True, torch_threads=1, max_batch_size=16
+    )
+    clip = gate_clip(str(clip_run), "cpu", scoring)
+    assert (clip.run_dir, clip.cpu_bf16, clip.torch_threads) == (str(clip_run), True, 1)
+    bf16 = CaptionGateModelHandler(clip)
+    assert bf16.load_model().embedder is load_embedder(scoring)  # one copy in memory
+    fp32 = CaptionGateModelHandler(str(clip_run))
+    rows = _rows((0, 1))
+    batch = [(row, H.CAPTIONS[1 - i], "src") for i, row in enumerate(rows)]
+    want = [r.inference for r in fp32.run_inference(batch, fp32.load_model())]
+    got = [r.inference for r in bf16.run_inference(batch, bf16.load_model())]
+    for a, b in zip(got, want, strict=True):
+        assert a.new == pytest.approx(b.new, abs=0.02) and a != b  # bf16 moves the floats
+        assert a.original == pytest.approx(b.original, abs=0.02)
+    float32 = gate_space(gate_clip(str(clip_run), "cpu"))
+    assert set(float32.settings) == {"format", "model", "device"}  # as before: old caches hit
+    assert gate_space(clip).fingerprint != float32.fingerprint
+    cuda = gate_space(gate_clip(str(clip_run), "cuda"))
+    assert cuda.settings["amp_dtype"] == "bf16"  # autocast on CUDA, as the scoring CLIP
 
 
 def test_failed_batches_keep_their_captions(ved_dir):

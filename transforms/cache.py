@@ -333,12 +333,22 @@ def captioner_space(captioner: Any) -> Space:
     return Space(CAPTIONS, {"format": 1, "captioner": weights, "generation": generation})
 
 
-def gate_space(clip_run: str, device: str) -> Space:
-    """Gate scores: the reference CLIP run's weights and the device type."""
-    fingerprint = model_fingerprint(ClipModelConfig(run_dir=clip_run))
-    return Space(
-        GATE, {"format": 1, "model": _weights(fingerprint), "device": _device_type(device)}
-    )
+def gate_space(clip: ClipModelConfig) -> Space:
+    """Gate scores: the gate CLIP run's weights, the device type, and AMP and bf16 weights
+    when on (they move the floats; float32 spaces keep their fingerprints)."""
+    device = _device_type(clip.device)
+    settings: dict[str, Any] = {
+        "format": 1,
+        "model": _weights(model_fingerprint(ClipModelConfig(run_dir=clip.run_dir))),
+        "device": device,
+    }
+    amp = clip.autocast_dtype(device)
+    if amp:
+        settings["amp_dtype"] = amp
+    weights_dtype = clip.weights_dtype(device)
+    if weights_dtype:
+        settings["weights_dtype"] = weights_dtype
+    return Space(GATE, settings)
 
 
 # --- the cached embedding stage ----------------------------------------------------------------

@@ -42,10 +42,12 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 
 from capgap.models.captioner import CaptionerConfig
+from capgap.models.clip_handler import ClipModelConfig
 from capgap.models.recaption_handler import (
     CaptionGateModelHandler,
     GateScores,
     RecaptionModelHandler,
+    gate_clip,
 )
 from capgap.transforms.cache import (
     CAPTIONS,
@@ -236,14 +238,21 @@ class Recaption(beam.PTransform):
 
     With ``cache`` (a :class:`RecaptionCache`), captions and gate scores come from the cache
     where it has them; after expansion ``cache_outputs`` holds the new entries and the hit /
-    miss PCollections (``caption.hit``, ``gate.miss``, ...)."""
+    miss PCollections (``caption.hit``, ``gate.miss``, ...). ``gate_precision``: the scoring
+    model's config, whose autocast / ``cpu_bf16`` / thread settings the gate's CLIP takes
+    (:func:`~capgap.models.recaption_handler.gate_clip`; default: float32 on the CPU)."""
 
     def __init__(
-        self, config: RecaptionConfig, label: str | None = None, cache: RecaptionCache | None = None
+        self,
+        config: RecaptionConfig,
+        label: str | None = None,
+        cache: RecaptionCache | None = None,
+        gate_precision: ClipModelConfig | None = None,
     ) -> None:
         super().__init__(label)
         self.config = config
         self.cache = cache
+        self.gate_precision = gate_precision  # the scoring CLIP's, which the gate's follows
         self.cache_outputs: dict = {"entries": {}, "stages": {}}
 
     def _look_up(self, keyed, name: str, kind: str, space: Space, files: list[str], key_fn):
@@ -300,8 +309,7 @@ class Recaption(beam.PTransform):
             )
         if cfg.gate.enabled:
             gate = CaptionGateModelHandler(
-                cfg.gate.clip_run,
-                device=cfg.gate.device,
+                gate_clip(cfg.gate.clip_run, cfg.gate.device, self.gate_precision),
                 max_batch_size=cfg.gate.batch_size,
                 max_batch_duration_secs=cfg.max_batch_duration_secs,
             )
