@@ -13,7 +13,7 @@
 5. evaluate both on ``test``, write a report (Markdown + plots) and print the
    headline table.
 
-    capgap demo                      # configs/demo.yaml (about 8 minutes on 2 cores)
+    capgap demo                      # configs/demo.yaml (about 5 minutes on 2 cores)
     capgap demo --quick              # configs/demo_quick.yaml (the smoke test in `make test`)
     capgap demo --out_dir demo_out --set student.epochs=12
 
@@ -154,13 +154,17 @@ CAPTIONER_SPLITS = ("seed", "test")
 
 
 def make_data(
-    cfg: DemoConfig, pool: JobPool | None = None, only: Sequence[str] | None = None
+    cfg: DemoConfig,
+    pool: JobPool | None = None,
+    only: Sequence[str] | None = None,
+    processes: int | None = None,
 ) -> dict[str, str]:
-    """Write the splits, or those in ``only`` (on ``pool``'s workers when given; else in
-    this process, one shard at a time); returns split -> Parquet glob for every split."""
+    """Write the splits, or those in ``only`` (on ``pool``'s workers when given, else on
+    ``processes`` (default ``synth.processes``); 1: in this process); returns split ->
+    Parquet glob for every split."""
     synth_cfg = replace(cfg.synth, out=str(Path(cfg.out_dir) / "data"), split="all")
-    if pool is None:
-        synth_cfg = replace(synth_cfg, processes=1)
+    if processes is not None:
+        synth_cfg = replace(synth_cfg, processes=processes)
     synth.run(synth_cfg, show_progress=False, pool=pool, only=only)
     return {name: str(Path(synth_cfg.out) / name / "*.parquet") for name in synth_cfg.splits}
 
@@ -168,7 +172,8 @@ def make_data(
 def make_data_and_train_reference(cfg: DemoConfig) -> Path:
     """The splits the captioner does not read, then the reference CLIP: one job, which takes
     about as long as the captioner's (the critical path) with them."""
-    data = make_data(cfg, only=[s for s in cfg.synth.splits if s not in CAPTIONER_SPLITS])
+    rest = [s for s in cfg.synth.splits if s not in CAPTIONER_SPLITS]
+    data = make_data(cfg, only=rest, processes=1)  # in this worker, beside the captioner
     return train_reference(cfg, data)
 
 
