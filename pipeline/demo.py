@@ -226,10 +226,15 @@ def student_init(cfg: DemoConfig) -> str | None:
     return cfg.student.pretrained
 
 
-def train_dense_captioner(cfg: DemoConfig, data: dict[str, str]) -> Path:
+def captioner_config(cfg: DemoConfig, data: dict[str, str]) -> TrainCaptionerConfig:
+    """The dense captioner's training run: on ``seed``, evaluated on ``test``."""
     out = Path(cfg.out_dir) / "captioner"
     seed_dir, test_dir = (str(Path(data[s]).parent) for s in ("seed", "test"))
-    return train_captioner(replace(cfg.captioner, data=seed_dir, eval_data=test_dir, out=str(out)))
+    return replace(cfg.captioner, data=seed_dir, eval_data=test_dir, out=str(out))
+
+
+def train_dense_captioner(cfg: DemoConfig, data: dict[str, str]) -> Path:
+    return train_captioner(captioner_config(cfg, data))
 
 
 def curate_split(
@@ -352,9 +357,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             pool,
             {
                 "reference": (make_data_and_train_reference, (cfg,)),
-                "captioner": (train_dense_captioner, (cfg, data)),
+                # train_captioner's own module, not this one: its worker imports neither Beam
+                # nor open_clip on the demo's critical path
+                "captioner": (train_captioner, (captioner_config(cfg, data),)),
             },
         )
+        pool.warm(["capgap.pipeline.demo"])  # the students' and evals' module, while curate runs
         timer.mark("synth the other splits + train reference CLIP | train dense captioner")
         manifest = curate_split(cfg, data["web"], reference, captioner)
         timer.mark("curate web (Beam: score, drop, recaption, write)")

@@ -7,18 +7,38 @@ two at a time fill a 2-core machine where one leaves a core idle.
                                              (train_dense_captioner, (cfg, data))], processes=2)
     with JobPool(2) as pool:   # workers started once for several rounds
         first = pool.run(jobs)
+        pool.warm(["capgap.pipeline.train"])   # imports on every worker, in the background
         second = pool.run(more_jobs)
 """
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures import wait as wait_for
 from typing import Any
 
 from capgap.core.console import quiet_third_party_output
+
+# Set in each worker by _start_worker: the pool's barrier, which makes every worker take
+# exactly one of the jobs JobPool.warm hands out.
+_BARRIER: Any = None
+
+
+def _start_worker(barrier: Any) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+    quiet_third_party_output()
+
+
+def _import_then_wait(modules: Sequence[str], timeout_s: float) -> None:
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    finally:  # a failed import still lets the other workers through
+        _BARRIER.wait(timeout_s)
 
 
 class JobPool:
@@ -40,6 +60,7 @@ class JobPool:
             raise ValueError("processes must be >= 1")
         self.processes = processes
         self._executor: ProcessPoolExecutor | None = None
+        self._warming: list[Future] = []
 
     def __enter__(self) -> JobPool:
         return self
@@ -54,11 +75,40 @@ class JobPool:
         if self._executor is not None:
             self._executor.shutdown(wait=wait, cancel_futures=True)
             self._executor = None
+            self._warming = []
+
+    def warm(self, modules: Sequence[str], timeout_s: float = 120.0) -> None:
+        """Import ``modules`` in every worker, without waiting: the imports run while the
+        caller does other work, e.g. on workers idle between rounds, so that the next round's
+        jobs find them loaded (a worker imports a job's module on its first job from it:
+        ``capgap.pipeline.demo`` takes ~9 s on a 2-core VM). The next :meth:`run` waits for
+        them. No-op inline (``processes == 1``)."""
+        if self.processes == 1:
+            return
+        executor = self._start()
+        self._warming = [
+            executor.submit(_import_then_wait, list(modules), timeout_s)
+            for _ in range(self.processes)
+        ]
+
+    def _start(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            context = multiprocessing.get_context("spawn")
+            self._executor = ProcessPoolExecutor(
+                max_workers=self.processes,
+                mp_context=context,
+                initializer=_start_worker,
+                initargs=(context.Barrier(self.processes),),
+            )
+        return self._executor
 
     def run(
         self, jobs: Sequence[tuple[Callable, tuple]], on_done: Callable[[int], None] | None = None
     ) -> list[Any]:
         """:func:`run_side_by_side` on this pool's workers (started on first use)."""
+        warming, self._warming = self._warming, []
+        for future in warming:
+            future.result()  # an import error of warm() surfaces here, before any job runs
         if self.processes == 1 or len(jobs) <= 1:
             results = []
             for i, (fn, args) in enumerate(jobs):
@@ -66,13 +116,8 @@ class JobPool:
                 if on_done is not None:
                     on_done(i)
             return results
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(
-                max_workers=self.processes,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=quiet_third_party_output,
-            )
-        futures = [self._executor.submit(fn, *args) for fn, args in jobs]
+        executor = self._start()
+        futures = [executor.submit(fn, *args) for fn, args in jobs]
         index = {future: i for i, future in enumerate(futures)}
         try:
             if on_done is not None:

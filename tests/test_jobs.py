@@ -66,3 +66,23 @@ def test_a_pool_keeps_its_workers_across_rounds_and_cancels_after_a_failure(tmp_
         assert pool.run([(math.pow, (2, 2)), (math.pow, (2, 0))]) == [4.0, 1.0]  # new workers
     with pytest.raises(ValueError, match="processes"):
         JobPool(0)
+
+
+def _loaded(name: str) -> bool:
+    import sys
+
+    return name in sys.modules
+
+
+def test_warm_imports_a_module_in_every_worker_before_the_next_round():
+    with JobPool(2) as pool:
+        assert pool.run([(_loaded, ("email.mime.text",))] * 4) == [False] * 4
+        pool.warm(["email.mime.text"])
+        # every worker, not one worker twice: each waits for the other at the pool's barrier
+        assert pool.run([(_loaded, ("email.mime.text",))] * 6) == [True] * 6
+        pool.warm(["no_such_module_anywhere"])
+        with pytest.raises(ModuleNotFoundError):
+            pool.run([(os.getpid, ())])
+    inline = JobPool(1)
+    inline.warm(["no_such_module_anywhere"])  # inline: nothing to warm
+    assert inline.run([(os.getpid, ())]) == [os.getpid()]
