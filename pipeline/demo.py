@@ -149,7 +149,7 @@ class Timer:
 # --- the steps --------------------------------------------------------------------------------
 
 
-# What the captioner reads (train_dense_captioner): written first, so it can start at once.
+# What the captioner reads (captioner_config): written first, so it can start at once.
 CAPTIONER_SPLITS = ("seed", "test")
 
 

@@ -446,7 +446,8 @@ class CachedEmbed(beam.PTransform):
             | "Key" >> beam.Map(_keyed_pair, fp)
             | "LookUp" >> LookUp(self.files, EMBEDDINGS, self.stage, one_stream=True)
         )
-        marked = looked[HIT] | "HitOrRedecode" >> beam.Map(_hit_or_redecode, self.decode)
+        looked = looked[HIT]  # the main output: with one_stream, every item, hit or not
+        marked = looked | "HitOrRedecode" >> beam.Map(_hit_or_redecode, self.decode)
         embedded = marked | "Embed" >> (self.embed or EmbedPairs(self.model, new_rows=True))
         entries = {}
         if self.write:
@@ -454,8 +455,8 @@ class CachedEmbed(beam.PTransform):
         self.cache_outputs = {
             "entries": entries,
             "stages": {
-                f"{self.stage}.{HIT}": looked[HIT] | "Hits" >> beam.Filter(_is_hit),
-                f"{self.stage}.{MISS}": looked[HIT] | "Misses" >> beam.Filter(_is_miss),
+                f"{self.stage}.{HIT}": looked | "Hits" >> beam.Filter(_is_hit),
+                f"{self.stage}.{MISS}": looked | "Misses" >> beam.Filter(_is_miss),
             },
         }
         return {"ok": embedded["ok"], ERRORS: embedded[ERRORS]}
