@@ -49,8 +49,19 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 PRECOMPUTED = "precomputed_embeddings"
 #: Key of the inference of a pair whose batch the model raised on: (exception type, message).
 FAILED = "failed"
-#: Key of a precomputed inference that came from the build cache (no new cache entry).
-CACHED = "cached"
+
+
+def precomputed(image: np.ndarray, text: np.ndarray, logit_scale: float) -> dict[str, Any]:
+    """The inference a pair carries under :data:`PRECOMPUTED` (what ``run_inference`` would
+    have given it: the embeddings, the scale and whether both are finite)."""
+    finite = bool(np.isfinite(image).all() and np.isfinite(text).all())
+    return {
+        "image_embedding": image,
+        "text_embedding": text,
+        "logit_scale": logit_scale,
+        "finite": finite,
+    }
+
 
 # ClipModelConfig fields that do not change the loaded model.
 _NOT_WEIGHTS = frozenset(

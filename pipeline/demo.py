@@ -233,10 +233,6 @@ def captioner_config(cfg: DemoConfig, data: dict[str, str]) -> TrainCaptionerCon
     return replace(cfg.captioner, data=seed_dir, eval_data=test_dir, out=str(out))
 
 
-def train_dense_captioner(cfg: DemoConfig, data: dict[str, str]) -> Path:
-    return train_captioner(captioner_config(cfg, data))
-
-
 def curate_split(
     cfg: DemoConfig,
     split_glob: str,

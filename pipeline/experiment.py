@@ -39,6 +39,7 @@ from capgap.pipeline import synth
 from capgap.pipeline.evaluate import EvalConfig, evaluate
 from capgap.pipeline.jobs import run_side_by_side
 from capgap.pipeline.train import DataConfig, TrainConfig, train
+from capgap.pipeline.train_captioner import train_captioner
 
 WEB_K_WEIGHTS = [0.2, 0.3, 0.25, 0.15, 0.1, 0.0]
 
@@ -418,7 +419,10 @@ def curation(exp_cfg: ExperimentConfig) -> dict[str, Any]:
     cfg.out_dir = str(Path(exp_cfg.out_dir) / "curation")
     data = demo.make_data(cfg)
     reference, captioner = run_side_by_side(
-        [(demo.train_reference, (cfg, data)), (demo.train_dense_captioner, (cfg, data))],
+        [
+            (demo.train_reference, (cfg, data)),
+            (train_captioner, (demo.captioner_config(cfg, data),)),
+        ],
         cfg.parallel,
     )
     demo.curate_split(cfg, data["web"], reference, None, "filtered")

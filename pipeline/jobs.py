@@ -4,7 +4,7 @@ The demo and the experiments train many small models, each with one torch thread
 two at a time fill a 2-core machine where one leaves a core idle.
 
     reference, captioner = run_side_by_side([(train_reference, (cfg, data)),
-                                             (train_dense_captioner, (cfg, data))], processes=2)
+                                             (train_captioner, (captioner_cfg,))], processes=2)
     with JobPool(2) as pool:   # workers started once for several rounds
         first = pool.run(jobs)
         pool.warm(["capgap.pipeline.train"])   # imports on every worker, in the background

@@ -46,7 +46,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.transforms.window import GlobalWindows
 
-from capgap.models.clip_handler import PRECOMPUTED, ClipModelConfig
+from capgap.models.clip_handler import PRECOMPUTED, ClipModelConfig, precomputed
 from capgap.transforms.captions import CaptionConfig
 from capgap.transforms.decode import DecodeConfig, DecodeRecords
 from capgap.transforms.embed import EmbedPairs
@@ -229,14 +229,10 @@ class _FromBankFn(beam.DoFn):
         if i is None or PRECOMPUTED in pair or bank["refs"][i] != record_ref(pair):
             yield element  # not a bank row, or one with its embeddings already (the cache's)
             return
-        image, text = bank["images"][i], bank["texts"][i]
         known = {k: v for k, v in pair.items() if k != "pixels"}
-        known[PRECOMPUTED] = {
-            "image_embedding": image,
-            "text_embedding": text,
-            "logit_scale": bank["logit_scales"][i],
-            "finite": bool(np.isfinite(image).all() and np.isfinite(text).all()),
-        }
+        known[PRECOMPUTED] = precomputed(
+            bank["images"][i], bank["texts"][i], bank["logit_scales"][i]
+        )
         self.reused.inc()
         yield uid, known
 

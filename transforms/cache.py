@@ -43,9 +43,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from capgap.models.captioner import fingerprint_dir
-from capgap.models.clip_handler import CACHED, PRECOMPUTED, ClipModelConfig, model_fingerprint
+from capgap.models.clip_handler import (
+    PRECOMPUTED,
+    ClipModelConfig,
+    model_fingerprint,
+    precomputed,
+)
 from capgap.transforms.decode import decode_image
-from capgap.transforms.embed import NEW, EmbedPairs
+from capgap.transforms.embed import CACHED, NEW, EmbedPairs
 from capgap.transforms.schema import ERRORS
 
 LOG = logging.getLogger("capgap.cache")
@@ -377,15 +382,8 @@ def _hit_or_redecode(element: tuple, decode: Any) -> tuple[str, dict]:
     lossy re-encode kept its pixels through the join)."""
     _, (uid, row), value = element
     if value is not None:
-        image, text, scale = value
         out = {k: v for k, v in row.items() if k != "pixels"}
-        out[PRECOMPUTED] = {
-            "image_embedding": image,
-            "text_embedding": text,
-            "logit_scale": scale,
-            "finite": bool(np.isfinite(image).all() and np.isfinite(text).all()),
-            CACHED: True,
-        }
+        out[PRECOMPUTED] = {**precomputed(*value), CACHED: True}
         return uid, out
     if "pixels" in row:
         return uid, row

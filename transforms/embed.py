@@ -21,18 +21,14 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from capgap.models.clip_handler import (
-    CACHED,
-    FAILED,
-    PRECOMPUTED,
-    ClipModelConfig,
-    ClipModelHandler,
-)
+from capgap.models.clip_handler import FAILED, PRECOMPUTED, ClipModelConfig, ClipModelHandler
 from capgap.transforms.reasons import Reason, Stage, error_row
 from capgap.transforms.schema import ERRORS
 
 #: EmbedPairs' output of the ok rows whose embeddings did not come from the cache.
 NEW = "new"
+#: Key of a precomputed inference that came from the build cache (no new cache entry).
+CACHED = "cached"
 
 
 def _failed_batch_rows(failed) -> Iterator[dict[str, Any]]:
