@@ -54,8 +54,10 @@ from cluster_check import rows_of  # a curate output's rows by outcome and uid
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 PEERS = {
-    # clip-anytorch imports pkg_resources, which setuptools 81 dropped.
-    "clip-retrieval": ["clip-retrieval==2.45.0", "transformers", "setuptools<81"],
+    # clip-anytorch imports pkg_resources, which setuptools 81 dropped. transformers pinned to
+    # what pip chose on 2026-12-02: on 2026-12-04 an unpinned one backtracked to tokenizers
+    # 0.10.3, an sdist whose Rust build fetches a crate from GitHub (unreachable here).
+    "clip-retrieval": ["clip-retrieval==2.45.0", "transformers==4.57.6", "setuptools<81"],
     # Data-Juicer imports aiohttp at start-up without declaring it.
     "data-juicer": ["py-data-juicer==1.6.1", "transformers", "aiohttp"],
 }
@@ -95,8 +97,9 @@ def ensure_venv(root: Path, name: str) -> Path:
     """``root/name`` with torch and the peer's package; returns its python."""
     venv = root / name
     python = venv / "bin" / "python"
-    marker = venv / ".installed"
-    if marker.exists():
+    marker = venv / ".installed"  # the requirements installed, then the versions pip chose
+    wanted = " ".join([*TORCH, *PEERS[name]])
+    if marker.exists() and marker.read_text().split("\n", 1)[0] == wanted:
         return python
     if not python.exists():
         subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
@@ -105,7 +108,7 @@ def ensure_venv(root: Path, name: str) -> Path:
     proc = subprocess.run([*pip, *PEERS[name]], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"pip install {' '.join(PEERS[name])} failed:\n{proc.stderr[-3000:]}")
-    marker.write_text(versions(python))
+    marker.write_text(f"{wanted}\n{versions(python)}")
     return python
 
 
