@@ -7,7 +7,6 @@ or of the wrong type).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -178,11 +177,11 @@ class _TableRows:
         batch's columns are in cache, rather than one between each record's decode and the
         rest of its pass)."""
         names = list(columns)
-        values = zip(*columns.values(), strict=True) if names else itertools.repeat(())
+        values = zip(*columns.values(), strict=True) if names else [()] * len(uids)
         uid_of, source, root, emit = self.fn._uid, self.source, self.image_root, self.fn._emit
         out = []
         for index, uid, image, caption, row_values, fail in zip(
-            positions, uids, images, captions, values, failed, strict=False
+            positions, uids, images, captions, values, failed, strict=True
         ):
             if type(image) is bytes:
                 data, path, problem = image, None, None
