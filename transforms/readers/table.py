@@ -7,7 +7,7 @@ or of the wrong type).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -162,49 +162,22 @@ class _TableRows:
         images = _pylist(image_column, raw=not is_text)
         captions = _pylist(table.column(plan.caption_column), raw=True)
         failed = self._failed(table)
-        yield from self._records(positions, uids, images, captions, columns, failed)
-
-    def _records(
-        self,
-        positions: Sequence[int],
-        uids: list[Any],
-        images: list[Any],
-        captions: list[Any],
-        columns: dict[str, list],
-        failed: list[tuple[str, str, str] | None],
-    ) -> list[tuple[str, dict]]:
-        """The records of one batch, built in one loop before the first is emitted (while the
-        batch's columns are in cache, rather than one between each record's decode and the
-        rest of its pass)."""
-        names = list(columns)
-        values = zip(*columns.values(), strict=True) if names else [()] * len(uids)
-        uid_of, source, root, emit = self.fn._uid, self.source, self.image_root, self.fn._emit
-        out = []
-        for index, uid, image, caption, row_values, fail in zip(
-            positions, uids, images, captions, values, failed, strict=True
-        ):
-            if type(image) is bytes:
-                data, path, problem = image, None, None
-            else:
-                data, path, problem = _image_value(image)
-            error = fail
-            if error is None and problem:
-                error = (Reason.COLUMN_TYPE_INVALID.value, "SchemaError", problem)
-            out.append(
-                emit(
-                    self.encodable,
-                    uid=uid_of(uid, source, index),
-                    source=source,
-                    index=index,
-                    image=data,
-                    image_path=path,
-                    caption=caption,
-                    columns=dict(zip(names, row_values, strict=True)),
-                    image_root=root,
-                    error=error,
-                )
+        for i, index in enumerate(positions):
+            data, path, problem = _image_value(images[i])
+            kwargs: dict[str, Any] = {
+                "uid": self.fn._uid(uids[i], self.source, index),
+                "source": self.source,
+                "index": index,
+                "caption": captions[i],
+                "columns": {name: col[i] for name, col in columns.items()},
+            }
+            if failed[i] is not None:
+                kwargs["error"] = failed[i]
+            elif problem:
+                kwargs["error"] = (Reason.COLUMN_TYPE_INVALID.value, "SchemaError", problem)
+            yield self.fn._emit(
+                self.encodable, image=data, image_path=path, image_root=self.image_root, **kwargs
             )
-        return out
 
     def _failed(self, table: pa.Table) -> list[tuple[str, str, str] | None]:
         """Per row: the ``source_failed`` error of a row the input's tool marked failed
