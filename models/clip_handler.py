@@ -45,6 +45,8 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from capgap.core.malloc import keep_large_blocks
+
 #: Key of a pair that holds its embeddings already (see the module docstring).
 PRECOMPUTED = "precomputed_embeddings"
 #: Key of the inference of a pair whose batch the model raised on: (exception type, message).
@@ -245,6 +247,7 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
         self._share_across_processes = cfg.share_model_across_processes
 
     def load_model(self) -> ClipEmbedder:
+        keep_large_blocks()  # a remote runner's worker never ran the capgap command
         return load_embedder(self.cfg)
 
     def run_inference(

@@ -31,6 +31,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from capgap.core.images import rgb_image
+from capgap.core.malloc import keep_large_blocks
 from capgap.models.captioner import Captioner, CaptionerConfig, load_captioner
 from capgap.models.clip_handler import ClipModelConfig, load_embedder
 
@@ -84,6 +85,7 @@ class RecaptionModelHandler(ModelHandler[dict, PredictionResult, Captioner]):
         self._share = share_model_across_processes
 
     def load_model(self) -> Captioner:
+        keep_large_blocks()  # a remote runner's worker never ran the capgap command
         return load_captioner(self.captioner_config)
 
     def run_inference(
@@ -171,6 +173,7 @@ class CaptionGateModelHandler(ModelHandler[tuple, GateScores, Any]):
         self.caption_key = caption_key
 
     def load_model(self) -> _ClipScorer:
+        keep_large_blocks()
         return _ClipScorer(self.clip)
 
     def run_inference(

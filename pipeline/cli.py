@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from capgap.core.console import quiet_third_party_output
+from capgap.core.malloc import keep_large_blocks
 
 # command -> (module under capgap.pipeline, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -55,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"capgap: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     quiet_third_party_output()
+    keep_large_blocks()  # before any model runs: CPU tensors reuse their blocks
     module = importlib.import_module(f"capgap.pipeline.{COMMANDS[name][0]}")
     return int(module.main(rest) or 0)
 

@@ -21,6 +21,7 @@ from concurrent.futures import wait as wait_for
 from typing import Any
 
 from capgap.core.console import quiet_third_party_output
+from capgap.core.malloc import keep_large_blocks
 
 # Set in each worker by _start_worker: the pool's barrier, which makes every worker take
 # exactly one of the jobs JobPool.warm hands out.
@@ -31,6 +32,7 @@ def _start_worker(barrier: Any) -> None:
     global _BARRIER
     _BARRIER = barrier
     quiet_third_party_output()
+    keep_large_blocks()
 
 
 def _import_then_wait(modules: Sequence[str], timeout_s: float) -> None:
