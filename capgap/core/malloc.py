@@ -68,8 +68,8 @@ def keep_large_blocks(
     if user_policy() is not None:
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    # mallopt returns 1 on success; the trim threshold goes first so that the heap never
-    # trims below a block the new mmap threshold sends to it.
-    return bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-    )
+    # mallopt returns 1 on success. Some glibc versions refuse an mmap threshold over half
+    # their heap size (32 MiB); then nothing is changed.
+    if not libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold):
+        return False
+    return bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
