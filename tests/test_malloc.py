@@ -70,9 +70,8 @@ def test_kept_blocks_fault_no_fresh_pages() -> None:
     ],
 )
 def test_user_policy_wins(monkeypatch: pytest.MonkeyPatch, env: dict, reason: str | None) -> None:
-    for name in ("CAPGAP_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("GLIBC_TUNABLES", "LD_PRELOAD"):
+    for name in ("CAPGAP_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                 "GLIBC_TUNABLES", "LD_PRELOAD"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
