@@ -9,7 +9,7 @@ One run, one model, one synthetic ``web`` split written to a temporary folder:
   (the marginal rate between a run on ``--n`` rows and one on ``--scale`` times
   as many: extra rows / extra seconds, i.e. what a large build sees). The fixed part
   includes the bank pass, which embeds ``bank_size * bank_oversample`` = 2,560 rows (all
-  of them when the input is smaller), so end to end is low on a few thousand rows;
+  of them when the input is smaller; the main pass reuses those embeddings);
   ``--n`` must be at least that many, so that both runs embed the same bank and the
   difference holds only per-row work (the index and bank passes' reads included).
 - ``batched``: the minimal scorer of the same shards, with the same model object: read

@@ -160,7 +160,6 @@ class ClipEmbedder:
         from threadpoolctl import threadpool_limits
 
         from capgap.core.device import resolve_device
-        from capgap.models.clip_factory import create_clip, load_run
 
         self.device = resolve_device(cfg.device)  # raises when CUDA is asked for and absent
         if cfg.torch_threads:
@@ -170,12 +169,18 @@ class ClipEmbedder:
             # worker process at one torch thread (measured: 12 of 16 s in a scoring loop).
             threadpool_limits(cfg.torch_threads, user_api="blas")
         if cfg.run_dir:
+            from capgap.models.clip_factory import load_run
+
             model, preprocess, tokenizer = load_run(cfg.run_dir, device=self.device)
         elif cfg.hf_model:
             from capgap.models.hf_clip import load_hf_clip
 
             model, preprocess, tokenizer = load_hf_clip(cfg.hf_model, device=self.device)
         else:
+            # open_clip (and the torchvision / torch._dynamo it imports) costs ~3 s to import:
+            # a transformers checkpoint never needs it.
+            from capgap.models.clip_factory import create_clip
+
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 model, preprocess, tokenizer = create_clip(

@@ -112,9 +112,10 @@ def test_bank_candidates_are_the_smallest_salted_hashes():
         assert_that(picked, equal_to([{uid: ref for uid, (_, ref) in order[:6]}]))
 
 
-def test_the_main_pass_takes_the_bank_rows_embeddings_from_the_bank(bank_input, tmp_path):
+def test_the_main_pass_takes_the_bank_passs_embeddings(bank_input, tmp_path):
     """Every row's embeddings are the model's (a bank row's misplaced or stale embedding would
-    be off by the spread of the embeddings), and the bank's rows skip the model."""
+    be off by the spread of the embeddings), and the rows the bank pass embedded (the bank's
+    and its spares) skip the model."""
     pattern, order = bank_input
     model = ClipModelConfig(min_batch_size=2, max_batch_size=4)
     cfg = CurateConfig(
@@ -138,11 +139,12 @@ def test_the_main_pass_takes_the_bank_rows_embeddings_from_the_bank(bank_input, 
     assert_that(outputs["embedded"], model_embeddings)
     result = p.run()
     result.wait_until_finish()
-    assert counter_values(result)["embeddings_from_bank"] == 6
-    # the main pass's model embedded the other 13 rows (19 unique uids, one undecodable)
+    # 9 candidates, one undecodable: a bank of 6 and 2 spares
+    assert counter_values(result)["embeddings_from_bank"] == 8
+    # the main pass's model embedded the other 11 rows (19 unique uids, one undecodable)
     query = MetricsFilter().with_namespace(model.metrics_namespace).with_name("embedded_by_model")
     (embedded,) = result.metrics().query(query)["counters"]
-    assert embedded.committed == 13
+    assert embedded.committed == 11
 
 
 def test_the_index_read_emits_a_block_of_rows_an_element(bank_input):

@@ -97,8 +97,9 @@ def test_rerun_computes_nothing_and_gives_the_same_rows(builds):
     first, rerun, _again = builds["first"], builds["rerun"], builds["again"]
     n = SHARDS * ROWS_PER_SHARD
     assert misses(first, "embed") == n and hits(first, "embed") == 0
-    # the bank's 8 rows miss the cache too, and take the bank pass's embeddings, not the model's
-    assert first["metrics"]["embeddings_from_bank"] == 8
+    # the 10 candidates the bank pass embedded (a bank of 8, 2 spares) miss the cache too,
+    # and take the bank pass's embeddings, not the model's
+    assert first["metrics"]["embeddings_from_bank"] == 10
     assert rerun["metrics"].get("embeddings_from_bank", 0) == 0  # every row a hit
     assert misses(rerun, "embed") == 0 and hits(rerun, "embed") == n
     assert misses(rerun, "bank_embed") == 0 and hits(rerun, "bank_embed") > 0

@@ -238,6 +238,11 @@ def test_make_bank_orders_by_hash_then_uid():
     assert bank["uids"] == ["a", "b"] and bank["tau"] == pytest.approx(0.05)
     assert bank["refs"] == [("s", 0), ("s", 1)] and bank["logit_scales"] == [20.0, 20.0]
     assert make_bank(entries, tau=0.1)["tau"] == 0.1
+    assert bank["spares"] == []
+    cut = make_bank(entries, size=1)  # the bank's first row; the other is a spare
+    assert cut["uids"] == ["a"] and cut["images"].shape == (1, 2)
+    ((uid, ref, image, text, scale),) = cut["spares"]
+    assert (uid, ref, scale) == ("b", ("s", 1), 20.0) and image.tolist() == [1.0, 1.0]
 
 
 def _rows(n, seed=0):

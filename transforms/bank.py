@@ -16,16 +16,16 @@ read to write in one fused stage:
    duplicate uid never enters the bank), decoded and embedded; the ``bank_size``
    smallest of those that embed become the bank. The surplus stands in for candidates
    that fail to decode; if more fail than that, the bank is smaller (its size is in the
-   manifest);
+   manifest). The embedded candidates left out of the bank ride along as its spares;
 3. main: dedup, decode, embed, score against the bank, decide, write. A row of the bank
-   takes its embeddings from the bank (:class:`EmbedOutsideBank`): the bank pass embedded
-   the same record with the same model, decode and caption settings.
+   or of its spares takes its embeddings from there (:class:`EmbedOutsideBank`): the bank
+   pass embedded the same record with the same model, decode and caption settings.
 
 The index and bank passes cost a uid-only read and a selective read of the input (Parquet
-and HF skip the unselected rows before converting them; tar and CSV are read whole) and
-``bank_size * (bank_oversample - 1)`` extra embeddings (the candidates left out of the
-bank), whatever the input's size. The bank pass's failures are not reported: the main pass
-meets the same records and records them.
+and HF skip the unselected rows before converting them; tar and CSV are read whole);
+every candidate embedded there is embedded once in all, whatever the input's size. The
+bank pass's failures are not reported: the main pass meets the same records and records
+them.
 Its counters use the ``capgap_bank`` namespace, the index pass's ``capgap_index``.
 
 Everything about the bank lives here: which uids (:func:`uid_hash`, :class:`BankCandidates`),
@@ -161,7 +161,9 @@ class EmbedBank(beam.PTransform):
 
 
 class SampleBank(beam.PTransform):
-    """Embedded rows -> one bank dict {uids, images, texts, tau} (for ``AsSingleton``)."""
+    """Embedded rows -> one bank dict {uids, images, texts, tau, spares} (for ``AsSingleton``):
+    the ``bank_size`` rows with the smallest (salted hash, uid), the others of the
+    ``candidate_count`` smallest as spares (the bank pass embeds no more than those)."""
 
     def __init__(self, cfg: ScoreConfig) -> None:
         super().__init__()
@@ -182,15 +184,22 @@ class SampleBank(beam.PTransform):
                     record_ref(kv[1]),
                 )
             )
-            | "Smallest" >> beam.combiners.Top.Smallest(self.cfg.bank_size, key=lambda e: e[:2])
-            | "AsBank" >> beam.Map(make_bank, tau)
+            | "Smallest"
+            >> beam.combiners.Top.Smallest(candidate_count(self.cfg), key=lambda e: e[:2])
+            | "AsBank" >> beam.Map(make_bank, tau, self.cfg.bank_size)
         )
 
 
-def make_bank(entries: list[tuple], tau: float | None = None) -> dict[str, Any]:
+def make_bank(
+    entries: list[tuple], tau: float | None = None, size: int | None = None
+) -> dict[str, Any]:
     """Bank arrays from (hash, uid, image, text, logit_scale, ref) entries, in (hash, uid)
-    order: ``uids``, ``refs``, ``images``, ``texts``, ``logit_scales`` and ``tau``."""
+    order: ``uids``, ``refs``, ``images``, ``texts``, ``logit_scales`` and ``tau`` of the
+    first ``size`` (default: all), and ``spares``: the rest as (uid, ref, image, text,
+    logit_scale) tuples, whose embeddings the main pass reuses but scores never see."""
     entries = sorted(entries, key=lambda e: e[:2])
+    spares = [(e[1], e[5], e[2], e[3], float(e[4])) for e in entries[size:]] if size else []
+    entries = entries[:size] if size is not None else entries
     if not entries:
         empty = np.zeros((0, 0), np.float32)
         return {
@@ -200,6 +209,7 @@ def make_bank(entries: list[tuple], tau: float | None = None) -> dict[str, Any]:
             "texts": empty,
             "logit_scales": [],
             "tau": tau or 0.01,
+            "spares": spares,
         }
     scale = float(entries[0][4])
     return {
@@ -209,40 +219,52 @@ def make_bank(entries: list[tuple], tau: float | None = None) -> dict[str, Any]:
         "texts": np.stack([e[3] for e in entries]).astype(np.float32),
         "logit_scales": [float(e[4]) for e in entries],
         "tau": float(tau) if tau is not None else 1.0 / scale,
+        "spares": spares,
     }
 
 
+def _embedded_by_bank_pass(bank: dict[str, Any]) -> dict[str, tuple]:
+    """uid -> (ref, image, text, logit_scale) of every record the bank pass embedded: the
+    bank's rows and its spares."""
+    rows = {
+        uid: (ref, bank["images"][i], bank["texts"][i], bank["logit_scales"][i])
+        for i, (uid, ref) in enumerate(zip(bank["uids"], bank["refs"], strict=True))
+    }
+    for uid, ref, image, text, scale in bank.get("spares", ()):
+        rows[uid] = (ref, image, text, scale)
+    return rows
+
+
 class _FromBankFn(beam.DoFn):
-    """(uid, pair) -> the same, and when the bank holds this very record (its uid and its
-    ref) the pair without pixels, with the bank's prediction for it (``PRECOMPUTED``)."""
+    """(uid, pair) -> the same, and when the bank pass embedded this very record (its uid
+    and its ref; a bank row or a spare) the pair without pixels, with that prediction for
+    it (``PRECOMPUTED``)."""
 
     def setup(self) -> None:
         self._bank: dict[str, Any] | None = None
-        self._rows: dict[str, int] = {}
+        self._rows: dict[str, tuple] = {}
         self.reused = beam.metrics.Metrics.counter("capgap", "embeddings_from_bank")
 
     def process(self, element, bank: dict[str, Any]) -> Iterator[Any]:
         if bank is not self._bank:  # a new side input value: index it once
-            self._bank, self._rows = bank, {uid: i for i, uid in enumerate(bank["uids"])}
+            self._bank, self._rows = bank, _embedded_by_bank_pass(bank)
         uid, pair = element
-        i = self._rows.get(uid)
-        if i is None or PRECOMPUTED in pair or bank["refs"][i] != record_ref(pair):
-            yield element  # not a bank row, or one with its embeddings already (the cache's)
+        known_row = self._rows.get(uid)
+        if known_row is None or PRECOMPUTED in pair or known_row[0] != record_ref(pair):
+            yield element  # not embedded there, or with its embeddings already (the cache's)
             return
         known = {k: v for k, v in pair.items() if k != "pixels"}
-        known[PRECOMPUTED] = precomputed(
-            bank["images"][i], bank["texts"][i], bank["logit_scales"][i]
-        )
+        known[PRECOMPUTED] = precomputed(*known_row[1:])
         self.reused.inc()
         yield uid, known
 
 
 class EmbedOutsideBank(beam.PTransform):
     """``embed`` (an :class:`~capgap.transforms.embed.EmbedPairs`) whose model embeds the main
-    pass's rows that are not in ``bank``; a bank row passes through it with the embeddings
-    the bank pass computed for the same record (the same model, decode and caption settings:
-    the same pixels and tokens, so the same embeddings up to the float rounding of another
-    batch). One stream, no Flatten (DirectRunner materialises one: ~55 us a row). (uid,
+    pass's rows that the bank pass did not; a bank row or spare passes through it with the
+    embeddings the bank pass computed for the same record (the same model, decode and
+    caption settings: the same pixels and tokens, so the same embeddings up to the float
+    rounding of another batch). One stream, no Flatten (DirectRunner materialises one: ~55 us a row). (uid,
     pair) -> {"ok", "errors"} as ``embed`` returns; counter ``capgap/embeddings_from_bank``."""
 
     def __init__(self, embed: beam.PTransform, bank) -> None:
