@@ -25,15 +25,19 @@ with its error and the others still run.
     python benchmarks/peers.py --skip data-juicer    # leave a peer out
     python benchmarks/peers.py --no_bf16             # capgap in float32 only
 
-capgap runs twice: in float32 like the peers, then with bf16 weights on the CPU
-(``model.cpu_bf16``: fast on CPUs with AMX, slow on AVX2-only ones); both rows are printed
-with each peer's ratio to each, and how far bf16 moves capgap's scores and decisions.
+Order: the ceiling (the same checkpoint's two towers alone, batched, on tensors in memory:
+no I/O, model load not timed; no batched float32 tool can beat it on this machine), capgap
+in float32 like the peers, capgap with bf16 weights on the CPU (``model.cpu_bf16``: fast on
+CPUs with AMX, slow on AVX2-only ones; unless ``--no_bf16``), then each peer followed by
+capgap in float32 again. This VM's speed drifts 10-20% within minutes, so each peer's
+float32 ratio is to the mean rate of the two capgap runs around it; capgap's row is the
+median of its float32 runs (all of them in the JSON).
 
-Prints a table (tool, what it computes, pairs, seconds, pairs/s, ratio) and writes it as
-JSON (``--json``, default ``.peers/results.json``). Then the ceiling: the same checkpoint's
-two towers alone, batched, on tensors in memory (no I/O, model load not timed), and the
-ratio to each peer that no batched float32 tool could exceed on this machine. Goals: capgap >= 1.0x clip-retrieval
-(while doing more than embed) and >= 3x Data-Juicer.
+Prints a table (tool, what it computes, pairs, seconds, pairs/s, ratio to capgap float32
+and to bf16), how far bf16 moves capgap's scores and decisions, capgap's share of the
+ceiling and the ratio to each peer that no batched float32 tool could exceed, and writes
+it all as JSON (``--json``, default ``.peers/results.json``). Goals: capgap >= 1.0x
+clip-retrieval (while doing more than embed) and >= 3x Data-Juicer.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import glob
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -304,44 +309,28 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = []
 
-    def record(tool: str, computes: str, seconds: float, note: str = "") -> None:
-        results.append(
-            {"tool": tool, "computes": computes, "pairs": args.n, "seconds": round(seconds, 2),
-             "pairs_per_s": round(args.n / seconds, 2), "note": note}
-        )  # fmt: skip
+    def record(tool: str, computes: str, seconds: float, note: str = "", **extra) -> dict:
+        row = {"tool": tool, "computes": computes, "pairs": args.n, "seconds": round(seconds, 2),
+               "pairs_per_s": round(args.n / seconds, 2), "note": note, **extra}  # fmt: skip
+        results.append(row)
+        return row
 
-    # Timed: each tool's whole command. capgap in float32 (the peers' precision), then with
-    # bf16 weights (model.cpu_bf16) unless --no_bf16.
-    capgap_runs = [("capgap curate", "capgap-out", [])]
-    if args.bf16:
-        capgap_runs.append(
-            ("capgap curate, bf16 weights", "capgap-bf16-out", ["model.cpu_bf16=true"])
-        )
-    for tool, folder, extra in capgap_runs:
-        out = work / folder
+    def capgap_seconds(folder: str, extra: list[str]) -> float:
+        """One timed ``capgap curate`` of the input into ``work/folder``."""
         cmd = [*capgap_cmd(), "curate", "--input", str(work / "synth" / "web" / "*.parquet")]
-        cmd += ["--output", str(out), "--device", "cpu", "--overwrite"]
+        cmd += ["--output", str(work / folder), "--device", "cpu", "--overwrite"]
         for s in (
             f"model.hf_model={model}", f"model.min_batch_size={args.batch}",
             f"model.max_batch_size={args.batch}", f"score.bank_size={args.bank_size}",
             f"model.torch_threads={args.threads}", *extra,
         ):  # fmt: skip
             cmd += ["--set", s]
-        log(f"{tool} ...")
-        seconds = timed(cmd, env, work / f"{folder}.log")
-        manifest = json.loads((out / "manifest.json").read_text())
-        counts = manifest.get("counts", {})
-        candidates = min(args.n, -(-args.bank_size * 5 // 4))  # score.bank_oversample 1.25
-        record(
-            tool,
-            "decode+validate, image+text embed, bank scores, decide, write Parquet",
-            seconds,
-            f"rows_in {counts.get('rows_in')}: curated {counts.get('curated')}, rejected "
-            f"{counts.get('rejected')}, errors {counts.get('errors')}; score.bank_size "
-            f"{args.bank_size} (the bank pass embeds {candidates}, {candidates - args.bank_size} "
-            "of them beyond the main pass's rows)",
-        )
-    # Untimed against the others: the ceiling (see MODEL_ONLY_RUN), in capgap's interpreter.
+        return timed(cmd, env, work / f"{folder}.log")
+
+    # Timed: each tool's whole command. capgap in float32 (the peers' precision) before and
+    # after each peer (this VM's speed drifts 10-20% within minutes: each peer's ratio is to
+    # the mean rate of the two float32 runs around it), once with bf16 weights
+    # (model.cpu_bf16) unless --no_bf16, and the ceiling (see MODEL_ONLY_RUN) first.
     log("model forward alone ...")
     cmd = [sys.executable, "-c", MODEL_ONLY_RUN, str(model)]
     cmd += [str(work / "synth" / "web" / "*.parquet"), str(args.batch), str(args.threads)]
@@ -350,27 +339,68 @@ def main(argv: list[str] | None = None) -> dict:
     ceiling = {"pairs": alone["pairs"], "seconds": round(alone["seconds"], 2),
                "pairs_per_s": round(alone["pairs"] / alone["seconds"], 2)}  # fmt: skip
 
+    fp32_seconds: list[float] = []  # every float32 run, in order
+
+    def capgap_fp32() -> float:
+        log(f"capgap curate (float32, run {len(fp32_seconds) + 1}) ...")
+        fp32_seconds.append(capgap_seconds("capgap-out", []))
+        return args.n / fp32_seconds[-1]
+
+    before = capgap_fp32()
+    candidates = min(args.n, -(-args.bank_size * 5 // 4))  # score.bank_oversample 1.25
+    counts = json.loads((work / "capgap-out" / "manifest.json").read_text()).get("counts", {})
+    capgap_row = record(
+        "capgap curate",
+        "decode+validate, image+text embed, bank scores, decide, write Parquet",
+        fp32_seconds[0],
+        f"rows_in {counts.get('rows_in')}: curated {counts.get('curated')}, rejected "
+        f"{counts.get('rejected')}, errors {counts.get('errors')}; score.bank_size "
+        f"{args.bank_size} (the bank pass embeds {candidates} rows, its bank and spares, "
+        "and the main pass reuses their embeddings)",
+    )
+    if args.bf16:
+        log("capgap curate, bf16 weights ...")
+        record(
+            "capgap curate, bf16 weights",
+            capgap_row["computes"],
+            capgap_seconds("capgap-bf16-out", ["model.cpu_bf16=true"]),
+            "model.cpu_bf16=true",
+        )
     agreement = (
         precision_agreement(work / "capgap-out", work / "capgap-bf16-out") if args.bf16 else None
     )
+
+    def peer(name: str, tool: str, computes: str, cmd: list[str], note) -> None:
+        """Time a peer, then capgap float32 again; record both rates around it."""
+        nonlocal before
+        log(f"{tool} ...")
+        try:
+            seconds = timed(cmd, env, work / f"{name}.log")
+            row = record(tool, computes, seconds, note())
+        except Exception as e:  # noqa: BLE001 - record why and keep the other peers
+            failures[name] = f"run: {e}"
+            return
+        after = capgap_fp32()
+        row["capgap_rates_around"] = [round(before, 2), round(after, 2)]
+        before = after
 
     if "clip-retrieval" in pythons:
         python = pythons["clip-retrieval"]
         emb = work / "cr-out"
         cmd = [str(python), "-c", CLIP_RETRIEVAL_RUN, tars, str(emb), str(model)]
         cmd += [str(args.batch), str(args.threads)]
-        log("clip-retrieval clip_inference ...")
-        try:
-            seconds = timed(cmd, env, work / "clip-retrieval.log")
+
+        def cr_note(emb: Path = emb, python: Path = python) -> str:
             n_img = sum(len(np.load(p)) for p in glob.glob(str(emb / "img_emb" / "*.npy")))
-            record(
-                "clip-retrieval clip_inference",
-                "image+text embeddings to .npy (no scores, no decision)",
-                seconds,
-                f"{n_img} image embeddings written; {versions(python)}",
-            )
-        except Exception as e:  # noqa: BLE001
-            failures["clip-retrieval"] = f"run: {e}"
+            return f"{n_img} image embeddings written; {versions(python)}"
+
+        peer(
+            "clip-retrieval",
+            "clip-retrieval clip_inference",
+            "image+text embeddings to .npy (no scores, no decision)",
+            cmd,
+            cr_note,
+        )
 
     if "data-juicer" in pythons:
         python = pythons["data-juicer"]
@@ -378,23 +408,32 @@ def main(argv: list[str] | None = None) -> dict:
         export = work / "dj-out" / "kept.jsonl"
         config.write_text(DATA_JUICER_CONFIG.format(dataset=jsonl, export=export, model=model))
         cmd = [str(python), "-m", "data_juicer.tools.process_data", "--config", str(config)]
-        log("data-juicer image_text_similarity_filter ...")
-        try:
-            seconds = timed(cmd, env, work / "data-juicer.log")
-            kept = sum(1 for _ in export.open()) if export.exists() else 0
-            record(
-                "data-juicer image_text_similarity_filter",
-                "per-sample CLIP similarity + keep/drop, export JSONL",
-                seconds,
-                f"{kept} kept; {versions(python)}",
-            )
-        except Exception as e:  # noqa: BLE001
-            failures["data-juicer"] = f"run: {e}"
 
-    base = results[0]["pairs_per_s"]
+        def dj_note(export: Path = export, python: Path = python) -> str:
+            kept = sum(1 for _ in export.open()) if export.exists() else 0
+            return f"{kept} kept; {versions(python)}"
+
+        peer(
+            "data-juicer",
+            "data-juicer image_text_similarity_filter",
+            "per-sample CLIP similarity + keep/drop, export JSONL",
+            cmd,
+            dj_note,
+        )
+
+    # capgap's row: the median of its float32 runs; each peer's ratio: the mean of the two
+    # runs around it (with no peer run, the one run).
+    rates = [args.n / s for s in fp32_seconds]
+    capgap_row["seconds"] = round(statistics.median(fp32_seconds), 2)
+    capgap_row["pairs_per_s"] = round(args.n / capgap_row["seconds"], 2)
+    capgap_row["float32_runs_pairs_per_s"] = [round(r, 2) for r in rates]
+    base = capgap_row["pairs_per_s"]
     base_bf16 = results[1]["pairs_per_s"] if args.bf16 else None
     for r in results:
-        r["capgap_ratio"] = round(base / r["pairs_per_s"], 2)
+        around = r.get("capgap_rates_around")
+        r["capgap_ratio"] = round(
+            (statistics.mean(around) if around else base) / r["pairs_per_s"], 2
+        )
         if base_bf16:
             r["capgap_bf16_ratio"] = round(base_bf16 / r["pairs_per_s"], 2)
     report = {
@@ -415,11 +454,16 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['tool']:44} {r['pairs']:6d} {r['seconds']:8.1f} {r['pairs_per_s']:8.2f} "
             f"{r['capgap_ratio']:8.2f}x{ratio_bf16}  {r['computes']}"
         )
-    share = base / ceiling["pairs_per_s"]
+    print(
+        "capgap float32 runs, pairs/s in order (one first, then one after each peer; a "
+        "peer's ratio is to the mean of the runs around it): "
+        + ", ".join(f"{r:.2f}" for r in rates)
+    )
+    share = rates[0] / ceiling["pairs_per_s"]
     print(
         f"float32 model forward alone (both towers, batch {args.batch}, tensors in memory, "
-        f"load not timed): {ceiling['pairs_per_s']:.2f} pairs/s; capgap float32 reaches "
-        f"{share:.0%} of it; the most any batched float32 tool could be over "
+        f"load not timed, run just before capgap's first): {ceiling['pairs_per_s']:.2f} "
+        f"pairs/s; capgap float32's first run reaches {share:.0%} of it; the most any batched float32 tool could be over "
         + ", ".join(
             f"{r['tool'].split()[0]} {ceiling['pairs_per_s'] / r['pairs_per_s']:.2f}x"
             for r in results
