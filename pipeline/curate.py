@@ -54,6 +54,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from capgap.core.collector import fewer_collections
 from capgap.core.config import (
     ConfigError,
     add_config_args,
@@ -464,8 +465,9 @@ def run_config(
     """
     p = planned_pipeline(cfg, beam_options, test_pipeline)
     try:
-        result = p.run()
-        state = result.wait_until_finish()
+        with fewer_collections():  # a DirectRunner runs the steps in this process
+            result = p.run()
+            state = result.wait_until_finish()
     except Exception as err:
         raise PipelineFailed(_failure_summary(err)) from err
     if state is not None and str(state).upper().rsplit(".", 1)[-1] not in ("DONE", "UNKNOWN"):
