@@ -198,8 +198,10 @@ def make_bank(
     first ``size`` (default: all), and ``spares``: the rest as (uid, ref, image, text,
     logit_scale) tuples, whose embeddings the main pass reuses but scores never see."""
     entries = sorted(entries, key=lambda e: e[:2])
-    spares = [(e[1], e[5], e[2], e[3], float(e[4])) for e in entries[size:]] if size else []
-    entries = entries[:size] if size is not None else entries
+    spares: list[tuple] = []
+    if size is not None:
+        spares = [(e[1], e[5], e[2], e[3], float(e[4])) for e in entries[size:]]
+        entries = entries[:size]
     if not entries:
         empty = np.zeros((0, 0), np.float32)
         return {
