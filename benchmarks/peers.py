@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Untimed: model, input in each tool's format, venvs.
     from capgap.models.hf_clip import build_random_hf_clip
+    from capgap.transforms.bank import candidate_count
+    from capgap.transforms.score import ScoreConfig
 
     model = work / "clip"
     if not (model / "config.json").exists():
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
         return args.n / fp32_seconds[-1]
 
     before = capgap_fp32()
-    candidates = min(args.n, -(-args.bank_size * 5 // 4))  # score.bank_oversample 1.25
+    candidates = min(args.n, candidate_count(ScoreConfig(bank_size=args.bank_size)))
     counts = json.loads((work / "capgap-out" / "manifest.json").read_text()).get("counts", {})
     capgap_row = record(
         "capgap curate",

@@ -232,7 +232,7 @@ def _embedded_by_bank_pass(bank: dict[str, Any]) -> dict[str, tuple]:
         uid: (ref, bank["images"][i], bank["texts"][i], bank["logit_scales"][i])
         for i, (uid, ref) in enumerate(zip(bank["uids"], bank["refs"], strict=True))
     }
-    for uid, ref, image, text, scale in bank.get("spares", ()):
+    for uid, ref, image, text, scale in bank["spares"]:
         rows[uid] = (ref, image, text, scale)
     return rows
 

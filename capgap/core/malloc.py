@@ -43,7 +43,7 @@ def user_policy() -> str | None:
     """Why the allocator is the user's choice (a short reason), or None when it is glibc's
     default and capgap may set it."""
     env = os.environ
-    if env.get("CAPGAP_MALLOC", "").lower() == "default":
+    if env.get("CAPGAP_MALLOC", "").strip().lower() == "default":
         return "CAPGAP_MALLOC=default"
     for name in _USER_POLICY_ENV:
         if name in env:
