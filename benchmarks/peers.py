@@ -104,6 +104,7 @@ MODEL_ONLY_RUN = """
 import glob, json, sys, time
 import pyarrow.parquet as pq
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPModel, CLIPTokenizer
 from capgap.core.malloc import keep_large_blocks
 keep_large_blocks()
@@ -116,13 +117,30 @@ side = model.config.vision_config.image_size
 pixels = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():
     model.get_image_features(pixel_values=pixels)  # warm-up
-    start = time.perf_counter()
+    image_seconds, start = 0.0, time.perf_counter()
     for i in range(0, len(captions), batch):
         chunk = captions[i : i + batch]
         ids = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
+        tick = time.perf_counter()
         model.get_image_features(pixel_values=pixels[: len(chunk)])
+        image_seconds += time.perf_counter() - tick
         model.get_text_features(**ids)
-    print(json.dumps({"pairs": len(captions), "seconds": time.perf_counter() - start}))
+    seconds = time.perf_counter() - start
+    # How close the image tower runs to this machine's float32 matrix-multiply rate: its
+    # FLOPs per image (torch's own counter) against a bare GEMM of its MLP's shape.
+    with FlopCounterMode(display=False) as counter:
+        model.get_image_features(pixel_values=pixels[:1])
+    vision = model.config.vision_config
+    tokens = (side // vision.patch_size) ** 2 + 1
+    a = torch.randn(batch * tokens, vision.hidden_size)
+    w = torch.randn(vision.intermediate_size, vision.hidden_size)
+    torch.nn.functional.linear(a, w)
+    tick = time.perf_counter()
+    for _ in range(5):
+        torch.nn.functional.linear(a, w)
+    gemm = 5 * 2 * a.shape[0] * a.shape[1] * w.shape[0] / (time.perf_counter() - tick)
+print(json.dumps({"pairs": len(captions), "seconds": seconds, "image_seconds": image_seconds,
+                  "image_flop": counter.get_total_flops(), "gemm_flop_per_s": gemm}))
 """
 
 
@@ -339,7 +357,10 @@ def main(argv: list[str] | None = None) -> dict:
     alone = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True,
                                       check=True).stdout.strip().splitlines()[-1])  # fmt: skip
     ceiling = {"pairs": alone["pairs"], "seconds": round(alone["seconds"], 2),
-               "pairs_per_s": round(alone["pairs"] / alone["seconds"], 2)}  # fmt: skip
+               "pairs_per_s": round(alone["pairs"] / alone["seconds"], 2),
+               "image_tower_gflop_per_s": round(
+                   alone["image_flop"] * alone["pairs"] / alone["image_seconds"] / 1e9, 1),
+               "gemm_gflop_per_s": round(alone["gemm_flop_per_s"] / 1e9, 1)}  # fmt: skip
 
     fp32_seconds: list[float] = []  # every float32 run, in order
 
@@ -429,6 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     capgap_row["seconds"] = round(statistics.median(fp32_seconds), 2)
     capgap_row["pairs_per_s"] = round(args.n / capgap_row["seconds"], 2)
     capgap_row["float32_runs_pairs_per_s"] = [round(r, 2) for r in rates]
+    capgap_row["float32_runs_seconds"] = [round(s, 2) for s in fp32_seconds]
     base = capgap_row["pairs_per_s"]
     base_bf16 = results[1]["pairs_per_s"] if args.bf16 else None
     for r in results:
@@ -460,6 +482,9 @@ def main(argv: list[str] | None = None) -> dict:
         "capgap float32 runs, pairs/s in order (one first, then one after each peer; a "
         "peer's ratio is to the mean of the runs around it): "
         + ", ".join(f"{r:.2f}" for r in rates)
+        + " ("
+        + ", ".join(f"{s:.1f}" for s in fp32_seconds)
+        + " s)"
     )
     share = rates[0] / ceiling["pairs_per_s"]
     print(
@@ -471,6 +496,12 @@ def main(argv: list[str] | None = None) -> dict:
             for r in results
             if not r["tool"].startswith("capgap")
         )
+    )
+    print(
+        f"float32 image tower alone: {ceiling['image_tower_gflop_per_s']:.0f} GFLOP/s "
+        f"(torch's FLOP counter), {ceiling['image_tower_gflop_per_s'] / ceiling['gemm_gflop_per_s']:.0%} "
+        f"of a bare float32 GEMM of its MLP's shape here ({ceiling['gemm_gflop_per_s']:.0f} "
+        "GFLOP/s): the towers themselves have little left to gain in float32 on this machine"
     )
     if agreement:
         print(f"capgap float32 vs bf16 weights, same rows: {json.dumps(agreement)}")
