@@ -19,6 +19,10 @@ Without ``--model`` it trains the captioner first with the quick preset; without
 
 from __future__ import annotations
 
+from capgap.core.console import quiet_third_party_output
+
+quiet_third_party_output()  # before Beam's import logs its apitools line
+
 import argparse
 import sys
 import tempfile

@@ -32,6 +32,10 @@ prints last) every existing option's AUROC per k must agree to ``--tolerance``.
 
 from __future__ import annotations
 
+from capgap.core.console import quiet_third_party_output
+
+quiet_third_party_output()  # before Beam's import logs its apitools line
+
 import argparse
 import csv
 import dataclasses

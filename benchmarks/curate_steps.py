@@ -19,6 +19,10 @@ Beam's per-element work and the garbage collector. Prints a table and one JSON l
 
 from __future__ import annotations
 
+from capgap.core.console import quiet_third_party_output
+
+quiet_third_party_output()  # before Beam's import logs its apitools line
+
 import argparse
 import functools
 import inspect

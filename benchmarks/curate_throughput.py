@@ -37,6 +37,10 @@ other jobs share the cores. Prints one JSON line at the end.
 
 from __future__ import annotations
 
+from capgap.core.console import quiet_third_party_output
+
+quiet_third_party_output()  # before Beam's import logs its apitools line
+
 import argparse
 import io
 import json

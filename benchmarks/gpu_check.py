@@ -26,6 +26,10 @@ pairs/s on an H100-class GPU including decode, and >= 10x the one-pair loop.
 
 from __future__ import annotations
 
+from capgap.core.console import quiet_third_party_output
+
+quiet_third_party_output()  # before Beam's import logs its apitools line
+
 import argparse
 import contextlib
 import io

@@ -23,6 +23,10 @@ Prints each build's wall time and cache hit / miss counters, the ratio increment
 
 from __future__ import annotations
 
+from capgap.core.console import quiet_third_party_output
+
+quiet_third_party_output()  # before Beam's import logs its apitools line
+
 import argparse
 import importlib.util
 import json

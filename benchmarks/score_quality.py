@@ -19,6 +19,10 @@ here, 10 + 20, is the reference the targets are stated for.
 
 from __future__ import annotations
 
+from capgap.core.console import quiet_third_party_output
+
+quiet_third_party_output()  # before Beam's import logs its apitools line
+
 import argparse
 import dataclasses
 import json

@@ -18,6 +18,10 @@ otherwise lacks.
 
 from __future__ import annotations
 
+from capgap.core.console import quiet_third_party_output
+
+quiet_third_party_output()  # before Beam's import logs its apitools line
+
 import io
 import time
 
