@@ -32,6 +32,7 @@ quiet_third_party_output()  # before Beam's import logs its apitools line
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import multiprocessing
@@ -48,6 +49,7 @@ import real_resolution  # noqa: E402
 import torch  # noqa: E402
 
 from capgap.models.captioner import CaptionerConfig, load_captioner  # noqa: E402
+from capgap.models.clip_handler import ClipModelConfig, model_input_side  # noqa: E402
 from capgap.models.recaption_handler import RecaptionModelHandler  # noqa: E402
 from capgap.models.tiny_captioner import (  # noqa: E402
     TinyCaptionerSpec,
@@ -95,19 +97,27 @@ def run_printing(fn, argv: list[str]) -> dict:
     return last_json(buffer.getvalue())
 
 
-def decode_one(raw: bytes) -> int:
-    return decode_image(raw, DecodeConfig()).pixels.shape[0]
+def decode_one(raw: bytes, side: int) -> int:
+    return decode_image(raw, DecodeConfig(model_max_side=side)).pixels.shape[0]
 
 
-def decode_pool(workers: int, n: int, megapixels: list[float]) -> dict:
+def decode_pool(workers: int, n: int, megapixels: list[float], side: int) -> dict:
+    """Images/s of capgap's decode in ``workers`` processes, to the model's side ``side`` (as
+    ``capgap curate`` decodes for that model)."""
     photos = real_resolution.make_photos(8, megapixels)
     items = [photos[i % len(photos)] for i in range(n)]
+    decode = functools.partial(decode_one, side=side)
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pool.map(decode_one, photos)  # start-up
+        pool.map(decode, photos)  # start-up
         start = time.perf_counter()
-        pool.map(decode_one, items, chunksize=4)
+        pool.map(decode, items, chunksize=4)
         seconds = time.perf_counter() - start
-    return {"workers": workers, "images": n, "images_per_s": round(n / seconds, 1)}
+    return {
+        "workers": workers,
+        "images": n,
+        "model_max_side": side,
+        "images_per_s": round(n / seconds, 1),
+    }
 
 
 def captioner_spec(small: bool) -> TinyCaptionerSpec:
@@ -266,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     section(
         "decode_pool",
-        lambda: decode_pool(workers, 16 if dry else 480, [1.0, 4.0] if dry else [1, 2, 4, 8, 12]),
+        lambda: decode_pool(
+            workers,
+            16 if dry else 480,
+            [1.0, 4.0] if dry else [1, 2, 4, 8, 12],
+            model_input_side(ClipModelConfig(name=model)),
+        ),
     )
     with tempfile.TemporaryDirectory(prefix="capgap-gpu-check-") as tmp:
         root = Path(tmp)

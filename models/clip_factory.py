@@ -217,6 +217,33 @@ def create_clip(
     return model, preprocess, tokenizer
 
 
+def input_side(model_name: str) -> int:
+    """The side open_clip's eval transform resizes images to for ``model_name`` (its
+    ``vision_cfg.image_size``; the larger of the two for a (height, width) size). A
+    pretrained tag changes the normalisation, never the size. No weights are built."""
+    register_model_configs()
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"unknown CLIP architecture {model_name!r}")
+    size = config["vision_cfg"]["image_size"]
+    return int(max(size)) if isinstance(size, (list, tuple)) else int(size)
+
+
+def run_architecture(run_dir: str | os.PathLike) -> tuple[str, str | None]:
+    """``(open_clip architecture, pretrained tag or None)`` of a ``capgap train`` run, from
+    its ``config.yaml`` (a checkpoint path there is not a tag)."""
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run: config.yaml missing")
+    with open(config_path, encoding="utf-8") as fh:
+        cfg = yaml.safe_load(fh) or {}
+    if "model" not in cfg:
+        raise ValueError(f"{config_path} has no top-level 'model' key")
+    pretrained = cfg.get("pretrained")
+    tag = None if pretrained is None or is_checkpoint_path(pretrained) else str(pretrained)
+    return cfg["model"], tag
+
+
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's weights as safetensors (atomically); returns the path."""
     path = Path(path)
@@ -238,16 +265,10 @@ def load_run(
     The model comes back in eval mode.
     """
     run_dir = Path(run_dir)
-    config_path, weights = run_dir / "config.yaml", run_dir / "model.safetensors"
-    for needed in (config_path, weights):
-        if not needed.is_file():
-            raise FileNotFoundError(f"{run_dir} is not a finished run: {needed.name} missing")
-    with open(config_path, encoding="utf-8") as fh:
-        cfg = yaml.safe_load(fh) or {}
-    if "model" not in cfg:
-        raise ValueError(f"{config_path} has no top-level 'model' key")
-    pretrained = cfg.get("pretrained")
-    tag = None if pretrained is None or is_checkpoint_path(pretrained) else str(pretrained)
+    architecture, tag = run_architecture(run_dir)
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run: {weights.name} missing")
     # A SigLIP-trained model carries logit_bias; build the parameter so the weights fit.
     extra: dict[str, Any] = {}
     with safe_open(str(weights), framework="pt") as fh:
@@ -255,7 +276,7 @@ def load_run(
     if "logit_bias" in keys:
         extra["init_logit_bias"] = 0.0
     model, preprocess, tokenizer = create_clip(
-        cfg["model"], str(weights), device=device, preprocess_from_tag=tag, **extra
+        architecture, str(weights), device=device, preprocess_from_tag=tag, **extra
     )
     model.eval()
     return model, preprocess, tokenizer

@@ -148,6 +148,23 @@ class ClipModelConfig:
         return f"{self.name}/random-init-seed{self.seed}"
 
 
+def model_input_side(cfg: ClipModelConfig) -> int:
+    """The shorter side the scoring model's own preprocessing resizes an image to, read from
+    its config (a run's ``config.yaml``, a transformers processor, an open_clip
+    architecture): the most pixels of a decoded image the model can use."""
+    if cfg.run_dir:
+        from capgap.models.clip_factory import input_side, run_architecture
+
+        return input_side(run_architecture(cfg.run_dir)[0])
+    if cfg.hf_model:
+        from capgap.models.hf_clip import hf_input_side
+
+        return hf_input_side(cfg.hf_model)
+    from capgap.models.clip_factory import input_side
+
+    return input_side(cfg.name)
+
+
 class ClipEmbedder:
     """The loaded model with its preprocess and tokenizer; ``embed`` is all RunInference calls.
 

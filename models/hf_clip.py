@@ -140,6 +140,22 @@ def load_hf_clip(
     return model, preprocess, HFTokenizer(tokenizer, length)
 
 
+def hf_input_side(path_or_id: str | os.PathLike) -> int:
+    """The side the checkpoint's image processor resizes images to: CLIP's
+    ``shortest_edge``, the larger of SigLIP's ``height`` / ``width`` (read from the
+    processor's config; no weights are loaded)."""
+    from transformers import AutoImageProcessor
+
+    source = str(path_or_id)
+    if os.path.sep in source and not os.path.isdir(source):
+        raise FileNotFoundError(f"model.hf_model folder not found: {source}")
+    size = AutoImageProcessor.from_pretrained(source, trust_remote_code=False).size
+    sides = [v for v in dict(size).values() if isinstance(v, int) and v > 0]
+    if not sides:
+        raise ValueError(f"{source}: the image processor's size {size!r} names no side")
+    return max(sides)
+
+
 def _clip_bpe_files(folder: Path) -> tuple[Path, Path]:
     """OpenAI CLIP's vocab.json / merges.txt, rebuilt from the BPE merges open_clip ships.
 

@@ -63,7 +63,7 @@ from capgap.core.config import (
     from_dict,
     to_dict,
 )
-from capgap.models.clip_handler import ClipModelConfig, model_fingerprint
+from capgap.models.clip_handler import ClipModelConfig, model_fingerprint, model_input_side
 from capgap.pipeline.incremental import commit_cache, input_shards, lineage, plan_cache
 from capgap.pipeline.runner_presets import preset_flags
 from capgap.transforms.accounting import CountOutcomes, counter_values, format_counters
@@ -203,9 +203,26 @@ def _fingerprint_models(cfg: ClipModelConfig, captioner: dict[str, Any] | None):
     return fingerprint
 
 
+def with_model_side(cfg: CurateConfig) -> CurateConfig:
+    """``cfg`` with ``decode.model_max_side`` filled in when unset: the scoring model's own
+    input side (224 for ViT-B/32), so that decoding (a large JPEG at reduced scale included)
+    makes no pixels the model's resize would throw away."""
+    if cfg.decode.model_max_side is not None:
+        return cfg
+    try:
+        side = model_input_side(cfg.model_config())
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"decode.model_max_side: the scoring model's input side could not be read ({err}); "
+            "set it (e.g. --set decode.model_max_side=224)"
+        ) from err
+    return dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, model_max_side=side))
+
+
 def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> dict[str, Any]:
     """Add the curate graph to ``p``; returns its main PCollections (for tests)."""
     started = time.time() if started is None else started
+    cfg = with_model_side(cfg)
     plan = discover(cfg.read, cfg.input)
     model_cfg = cfg.model_config()
     stage_cfg = recaption_stage_config(cfg.recaption) if cfg.recaption.enabled else None

@@ -21,7 +21,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from capgap.models.clip_handler import ClipEmbedder, ClipModelConfig
 from capgap.pipeline import curate
-from capgap.pipeline.curate import CurateConfig
+from capgap.pipeline.curate import CurateConfig, with_model_side
 from capgap.pipeline.synth import SCHEMA, SplitConfig, make_row
 from capgap.transforms.accounting import counter_values
 from capgap.transforms.bank import BankCandidates, EmbedBank, candidate_count, uid_hash
@@ -128,7 +128,7 @@ def test_the_main_pass_takes_the_bank_passs_embeddings(bank_input, tmp_path):
 
     def model_embeddings(rows):
         for uid, row in rows:
-            pixels = decode_image(row["image"], cfg.decode).pixels
+            pixels = decode_image(row["image"], with_model_side(cfg).decode).pixels
             img, txt, _ = embedder.embed([pixels], [row["caption"]])
             assert np.abs(img[0] - row["image_embedding"]).max() < 1e-5, uid
             assert np.abs(txt[0] - row["text_embedding"]).max() < 1e-5, uid

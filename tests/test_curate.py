@@ -143,6 +143,7 @@ def test_manifest(in_memory_build):
     assert on_disk["models"]["clip"]["id"] == "capgap-micro-vit/random-init-seed0"
     assert len(on_disk["models"]["clip"]["sha256"]) == 64
     assert on_disk["config"]["score"]["bank_size"] == 8
+    assert on_disk["config"]["decode"]["model_max_side"] == 32  # the micro model's own side
     assert on_disk["bank"]["size"] == 8 and on_disk["bank"]["tau"] > 0
     assert 0.0 < on_disk["thresholds"]["certainty"] < 1.0
     assert on_disk["packages"]["apache-beam"] and on_disk["wall_time_s"] > 0

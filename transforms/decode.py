@@ -54,7 +54,11 @@ class DecodeConfig:
     max_pixels: int = 40_000_000  # width * height; decompression-bomb bound
     min_side: int = 16  # shorter side, after EXIF rotation
     max_aspect_ratio: float = 10.0  # longer side / shorter side
-    model_max_side: int = 448  # images handed to the model are downscaled to this shorter side
+    # The shorter side of the copy handed to the model (the stored image keeps its size).
+    # None: the scoring model's own input side, which `capgap curate` fills in from the
+    # model's config (models/clip_handler.py model_input_side); a decode that runs with
+    # it still None keeps the full size, as 0 does.
+    model_max_side: int | None = None
     alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])
     keep_original_bytes: bool = True  # write untouched RGB/L JPEG/PNG/WebP as they came
     # Decode large JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when the model's
@@ -66,7 +70,7 @@ class DecodeConfig:
             raise ValueError("decode.max_bytes, max_pixels, min_side must be >= 1")
         if self.max_aspect_ratio < 1.0:
             raise ValueError("decode.max_aspect_ratio must be >= 1")
-        if self.model_max_side < 0:
+        if self.model_max_side is not None and self.model_max_side < 0:
             raise ValueError("decode.model_max_side must be >= 0 (0: never downscale)")
         if len(self.alpha_background) != 3 or not all(0 <= v <= 255 for v in self.alpha_background):
             raise ValueError("decode.alpha_background must be three values in 0..255")
@@ -271,19 +275,20 @@ def draft_jpeg(im: Image.Image, cfg: DecodeConfig) -> tuple[int, int] | None:
     bicubic resize, then the model's own resize / crop); libjpeg still reads every byte,
     so truncated and corrupt files fail as before.
     """
-    if not (cfg.jpeg_draft and cfg.keep_original_bytes and cfg.model_max_side):
+    side = cfg.model_max_side
+    if not (cfg.jpeg_draft and cfg.keep_original_bytes and side):
         return None
     if im.format != "JPEG" or im.mode not in ("RGB", "L"):
         return None
     full = im.size
-    if min(full) < 2 * cfg.model_max_side:
+    if min(full) < 2 * side:
         return None
     try:
         if exif_orientation(im) != 1:
             return None
     except Exception:  # decode_image records the unreadable EXIF block itself
         return None
-    im.draft(im.mode, (cfg.model_max_side, cfg.model_max_side))
+    im.draft(im.mode, (side, side))
     return full if im.size != full else None
 
 
