@@ -222,7 +222,7 @@ def with_model_side(cfg: CurateConfig) -> CurateConfig:
 def build(p: beam.Pipeline, cfg: CurateConfig, started: float | None = None) -> dict[str, Any]:
     """Add the curate graph to ``p``; returns its main PCollections (for tests)."""
     started = time.time() if started is None else started
-    cfg = with_model_side(cfg)
+    cfg = with_model_side(cfg)  # a no-op after planned_pipeline; build is also called alone
     plan = discover(cfg.read, cfg.input)
     model_cfg = cfg.model_config()
     stage_cfg = recaption_stage_config(cfg.recaption) if cfg.recaption.enabled else None
@@ -452,6 +452,7 @@ def planned_pipeline(
     """Check ``cfg``, clear an unfinished build and add the curate graph to a pipeline (not
     yet run). Bad config, input or output raise here, before anything is submitted."""
     validate(cfg)
+    cfg = with_model_side(cfg)  # reads the model's config: fails before the output is touched
     prepare_output(cfg)
     started = time.time()
     if test_pipeline is not None:

@@ -14,7 +14,7 @@ from PIL import Image
 from capgap.core.config import ConfigError
 from capgap.models.clip_handler import ClipEmbedder, ClipModelConfig, model_input_side
 from capgap.models.hf_clip import build_random_hf_clip
-from capgap.pipeline.curate import CurateConfig, with_model_side
+from capgap.pipeline.curate import CurateConfig, planned_pipeline, with_model_side
 from capgap.transforms.decode import DecodeConfig, decode_image
 
 
@@ -75,3 +75,20 @@ def test_the_models_copy_embeds_like_the_full_image():
     embedder = ClipEmbedder(model)
     img, _, _ = embedder.embed([small.pixels, full.pixels], ["a photo", "a photo"])
     assert float(img[0] @ img[1]) > 0.99
+
+
+def test_an_unreadable_model_fails_before_the_output_is_touched(tmp_path):
+    """With --overwrite, a finished build is cleared before the new one runs: a model whose
+    side cannot be read must fail first, leaving the previous build in place."""
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "manifest.json").write_text("{}")
+    cfg = CurateConfig(
+        input=str(tmp_path / "*.parquet"),
+        output=str(output),
+        overwrite=True,
+        model=ClipModelConfig(hf_model=str(tmp_path / "no" / "model")),
+    )
+    with pytest.raises(ConfigError, match="decode.model_max_side"):
+        planned_pipeline(cfg)
+    assert (output / "manifest.json").exists()
