@@ -92,3 +92,19 @@ def test_an_unreadable_model_fails_before_the_output_is_touched(tmp_path):
     with pytest.raises(ConfigError, match="decode.model_max_side"):
         planned_pipeline(cfg)
     assert (output / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("size", [(100, 77), (77, 100), (96, 64)])
+def test_the_copy_is_what_the_models_own_resize_makes_of_the_full_image(size):
+    """At the model's own side the copy is sized as torchvision's Resize sizes it (the long
+    side truncated: 100x77 -> 41x32, not 42x32), so the model's preprocessing of the copy
+    and of the full-size image give the same tensor."""
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(buffer, "PNG")
+    copy = decode_image(buffer.getvalue(), DecodeConfig(model_max_side=32)).pixels
+    full = decode_image(buffer.getvalue(), DecodeConfig(model_max_side=0)).pixels
+    preprocess = ClipEmbedder(ClipModelConfig(name="capgap-micro-vit")).preprocess
+    a, b = preprocess(Image.fromarray(copy)), preprocess(Image.fromarray(full))
+    assert a.shape == b.shape == (3, 32, 32)
+    assert float((a - b).abs().max()) < 1e-6

@@ -310,6 +310,9 @@ def embed_space(model: Any, decode: Any) -> Space:
             "model_max_side": decode.model_max_side,
             "alpha_background": list(decode.alpha_background),
             "jpeg_draft": decode.jpeg_draft,  # reduced-scale JPEG decode moves pixels
+            # 2: the model's copy has its long side truncated (torchvision's sizing), not
+            # rounded (1, until 2026-12-05): a pixel column more or less moves the floats.
+            "model_copy_sizing": 2,
         },
     }
     weights_dtype = model.weights_dtype(device)

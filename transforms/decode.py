@@ -379,8 +379,12 @@ def decode_image(data: Any, cfg: DecodeConfig) -> DecodedImage:
             notes.append(f"from:{fmt}")
     model_image = rgb
     if cfg.model_max_side and short > cfg.model_max_side:
-        scale = cfg.model_max_side / short
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        side = cfg.model_max_side
+        # The long side truncated, as torchvision's Resize and transformers' image processors
+        # size it: at the model's own side the model's resize of this copy is then the
+        # identity, and the copy is what the model would make of the full-size image.
+        resized_long = int(side * long / short)
+        size = (side, resized_long) if width <= height else (resized_long, side)
         if rgb.size != size:  # a drafted JPEG can be decoded at exactly this size
             model_image = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     pixels = np.asarray(model_image, dtype=np.uint8)
