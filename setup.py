@@ -66,5 +66,5 @@ setup(
         "spark": ["pyspark>=3.4"],
         "flink": [],
     },
-    entry_points={"console_scripts": ["capgap = capgap.pipeline.cli:main"]},
+    entry_points={"console_scripts": ["capgap = capgap.pipeline.cli:entry"]},
 )

@@ -227,7 +227,7 @@ def write_jsonl(rows: list[dict], folder: Path) -> Path:
 
 
 def capgap_cmd() -> list[str]:
-    return [sys.executable, "-c", "from capgap.pipeline.cli import main; main()"]
+    return [sys.executable, "-c", "from capgap.pipeline.cli import entry; entry()"]
 
 
 def timed(cmd: list[str], env: dict, logfile: Path) -> float:

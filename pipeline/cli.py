@@ -12,6 +12,7 @@ what ``train`` takes. Modules are imported only when their command runs, so
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 from collections.abc import Sequence
@@ -61,5 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
+def entry() -> None:
+    """The ``capgap`` console script: :func:`main`, then exit. The objects alive at that point
+    (torch's, transformers', Beam's: millions) are frozen first, so the interpreter's
+    shutdown collections skip them: exit took ~1.6 s of a ``capgap curate`` here, ~0.3 s
+    frozen. Their memory goes back to the OS with the process; atexit handlers, the std
+    streams' flush and module teardown run as always."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -73,6 +73,9 @@ def test_wheel_is_namespaced(built):
             if "__pycache__" not in p.parts
         }
         assert expected <= set(names), sorted(expected - set(names))
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    with zipfile.ZipFile(built["wheel"]) as whl:
+        assert "capgap = capgap.pipeline.cli:entry" in whl.read(entry_points).decode()
     assert any(name.startswith("capgap/configs/models/") for name in names) or not any(
         (ROOT / "configs/models").glob("*.json")
     )
