@@ -174,7 +174,10 @@ def draft_cosines(
 
     full, draft = embedded(False, model_max_side), embedded(True, model_max_side)
     whole = embedded(False, 0)
-    cos = lambda a, b: [float(x) for x in np.sum(a * b, axis=1)]  # noqa: E731
+
+    def cos(a: np.ndarray, b: np.ndarray) -> list[float]:
+        return [float(x) for x in np.sum(a * b, axis=1)]
+
     return {
         "draft_vs_full": cos(draft, full),
         "full_vs_whole_image": cos(full, whole),
@@ -241,11 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
                 cpu_bf16=args.cpu_bf16,
             )
         )
-        side = embedder.model.visual.image_size
-        side = side[0] if isinstance(side, tuple | list) else side
-        model_side = args.model_max_side
-        if model_side is None:
-            model_side = model_input_side(ClipModelConfig(name=args.model))
+        side = model_input_side(ClipModelConfig(name=args.model))  # the bare loop's draft size
+        model_side = side if args.model_max_side is None else args.model_max_side
         table = pq.read_table(small_pattern.replace("*", "0"))
         bank_pixels = [bare_decode(raw, side) for raw in table["image"].to_pylist()[: args.bank]]
         bank = embedder.embed(bank_pixels, table["caption"].to_pylist()[: args.bank])[:2]

@@ -114,6 +114,15 @@ class HFTokenizer:
         )["input_ids"]
 
 
+def _checkpoint_source(path_or_id: str | os.PathLike) -> str:
+    """``model.hf_model`` as transformers takes it: a path must be an existing folder (any
+    other string is a hub id)."""
+    source = str(path_or_id)
+    if os.path.sep in source and not os.path.isdir(source):
+        raise FileNotFoundError(f"model.hf_model folder not found: {source}")
+    return source
+
+
 def load_hf_clip(
     path_or_id: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[HFDualEncoder, Callable, Callable]:
@@ -124,9 +133,7 @@ def load_hf_clip(
     """
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    source = str(path_or_id)
-    if os.path.sep in source and not os.path.isdir(source):
-        raise FileNotFoundError(f"model.hf_model folder not found: {source}")
+    source = _checkpoint_source(path_or_id)
     dev = resolve_device(device)
     # CLIP and SigLIP are transformers' own classes: no checkpoint's code is ever run.
     hf = AutoModel.from_pretrained(source, trust_remote_code=False)
@@ -146,9 +153,7 @@ def hf_input_side(path_or_id: str | os.PathLike) -> int:
     processor's config; no weights are loaded)."""
     from transformers import AutoImageProcessor
 
-    source = str(path_or_id)
-    if os.path.sep in source and not os.path.isdir(source):
-        raise FileNotFoundError(f"model.hf_model folder not found: {source}")
+    source = _checkpoint_source(path_or_id)
     size = AutoImageProcessor.from_pretrained(source, trust_remote_code=False).size
     sides = [v for v in dict(size).values() if isinstance(v, int) and v > 0]
     if not sides:
