@@ -25,8 +25,9 @@ with its error and the others still run.
     python benchmarks/peers.py --skip data-juicer    # leave a peer out
     python benchmarks/peers.py --no_bf16             # capgap in float32 only
 
-Order: the ceiling (the same checkpoint's two towers alone, batched, on tensors in memory:
-no I/O, model load not timed; no batched float32 tool can beat it on this machine), capgap
+Order: the ceiling (the same checkpoint's two towers alone, batched, on tensors in memory,
+the text tower in capgap's length groups: no I/O, model load not timed; no batched float32
+tool with these towers can beat it on this machine), capgap
 in float32 like the peers, capgap with bf16 weights on the CPU (``model.cpu_bf16``: fast on
 CPUs with AMX, slow on AVX2-only ones; unless ``--no_bf16``), then each peer followed by
 capgap in float32 again. This VM's speed drifts 10-20% within minutes, so each peer's
@@ -97,34 +98,37 @@ process:
 
 
 # The same checkpoint's two towers alone, batched, on tensors already in memory: no reading,
-# decoding, preprocessing, scoring or writing, and model loading left out of the time. What
-# no batched float32 tool can beat on this machine: its rate over a peer's is the highest
-# ratio to that peer that any amount of pipeline work could reach.
+# decoding, preprocessing, scoring or writing, and model loading left out of the time; the
+# text tower as capgap runs it (each batch in groups of similar caption length, each cut
+# after its longest caption: capgap.models.text_groups). What no batched float32 tool can
+# beat on this machine with these towers: its rate over a peer's is the highest ratio to
+# that peer that any amount of pipeline work could reach.
 MODEL_ONLY_RUN = """
 import glob, json, sys, time
 import pyarrow.parquet as pq
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPModel, CLIPTokenizer
 from capgap.core.malloc import keep_large_blocks
+from capgap.models.hf_clip import load_hf_clip
 keep_large_blocks()
 folder, pattern, batch, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 captions = [c for f in sorted(glob.glob(pattern)) for c in pq.read_table(f)["caption"].to_pylist()]
-model = CLIPModel.from_pretrained(folder).eval()
-tokenizer = CLIPTokenizer.from_pretrained(folder)
+encoder, _, tokenizer = load_hf_clip(folder)
+model = encoder.hf
 side = model.config.vision_config.image_size
 pixels = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():
     model.get_image_features(pixel_values=pixels)  # warm-up
+    encoder.encode_text(tokenizer(captions[:batch]))
     image_seconds, start = 0.0, time.perf_counter()
     for i in range(0, len(captions), batch):
         chunk = captions[i : i + batch]
-        ids = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
+        ids = tokenizer(chunk)
         tick = time.perf_counter()
         model.get_image_features(pixel_values=pixels[: len(chunk)])
         image_seconds += time.perf_counter() - tick
-        model.get_text_features(**ids)
+        encoder.encode_text(ids)
     seconds = time.perf_counter() - start
     # How close the image tower runs to this machine's float32 matrix-multiply rate: its
     # FLOPs per image (torch's own counter) against a bare GEMM of its MLP's shape.

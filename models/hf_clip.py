@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 
 from capgap.core.device import resolve_device
+from capgap.models.text_groups import encode_in_length_groups, group_overhead
 
 Family = Literal["clip", "siglip"]
 
@@ -51,14 +52,17 @@ class HFDualEncoder(torch.nn.Module):
         self.logit_scale = model.logit_scale
         # CLIP's text tower is causal and pools one position (the first end-of-text token;
         # with the pre-2023 eos_token_id 2, the highest id, the same token), so the padding
-        # columns after every row's pooled position change nothing and are cut before the
-        # forward pass: ~4x less text compute for alt-text-length captions padded to 77.
-        # SigLIP pools the last position, so its padding stays.
+        # columns after each row's pooled position change nothing: a batch runs in groups
+        # of similar length, each cut after its longest row's (capgap.models.text_groups),
+        # ~4x less text compute for alt-text-length captions padded to 77. SigLIP pools
+        # the last position, so its padding stays.
         config = getattr(model, "config", None)
         text_config = getattr(config, "text_config", None)
         self.eos_token_id: int | None = None
+        self.text_width = 0
         if getattr(config, "model_type", None) == "clip" and text_config is not None:
             self.eos_token_id = text_config.eos_token_id
+            self.text_width = text_config.hidden_size
         if getattr(model, "logit_bias", None) is not None:
             self.logit_bias = model.logit_bias
 
@@ -71,17 +75,24 @@ class HFDualEncoder(torch.nn.Module):
         return self._features(self.hf.get_image_features(pixel_values=pixel_values))
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._features(self.hf.get_text_features(input_ids=self.trim_padding(input_ids)))
+        lengths = self.used_lengths(input_ids)
+        if lengths is None:
+            return self._text_features(input_ids)
+        overhead = group_overhead(self.text_width, input_ids.device)
+        return encode_in_length_groups(self._text_features, input_ids, lengths, overhead)
 
-    def trim_padding(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """CLIP: ``input_ids`` cut after the last row's pooled position (others: as is)."""
-        if self.eos_token_id is None or input_ids.shape[1] == 0:
-            return input_ids
+    def _text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._features(self.hf.get_text_features(input_ids=input_ids))
+
+    def used_lengths(self, input_ids: torch.Tensor) -> list[int] | None:
+        """CLIP: each row's positions up to its pooled one (None: run every position)."""
+        if self.eos_token_id is None or input_ids.numel() == 0:
+            return None
         if self.eos_token_id == 2:  # as transformers pools these configs: the highest id
             pooled = input_ids.argmax(dim=-1)
         else:
             pooled = (input_ids == self.eos_token_id).int().argmax(dim=-1)
-        return input_ids[:, : int(pooled.max()) + 1]
+        return (pooled + 1).tolist()
 
 
 class HFPreprocess:

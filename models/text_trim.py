@@ -9,6 +9,10 @@ mask) before the transformer: the same features, less work in proportion to how 
 the batch's captions are ("a star" is 4 of 20 positions). Models whose text tower is not
 causal, or pools otherwise, keep open_clip's ``encode_text`` unchanged.
 
+One long caption would still make the whole batch run to its length, so a batch also
+runs in groups of similar length when the positions saved pay for another forward pass
+(:mod:`capgap.models.text_groups`, which the transformers CLIP scorer uses too).
+
     model = trim_text_padding(open_clip.create_model("ViT-B-32"))   # create_clip does this
 """
 
@@ -19,16 +23,25 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
+from capgap.models.text_groups import encode_in_length_groups, group_overhead
+
 
 class TrimmedTextCLIP(open_clip.CLIP):
-    """:class:`open_clip.CLIP` whose ``encode_text`` skips the padding after the last EOT."""
+    """:class:`open_clip.CLIP` whose ``encode_text`` skips the padding after each row's EOT."""
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        used = int(text.argmax(dim=-1).max()) + 1 if text.numel() else text.shape[-1]
-        if used >= text.shape[-1]:
+        if not text.numel():
             return super().encode_text(text, normalize=normalize)
-        # open_clip's CLIP.encode_text with the positions cut to ``used``.
-        text = text[:, :used]
+        lengths = (text.argmax(dim=-1) + 1).tolist()
+        if min(lengths) >= text.shape[-1]:
+            return super().encode_text(text, normalize=normalize)
+        overhead = group_overhead(self.transformer.width, text.device)
+        x = encode_in_length_groups(self._encode_positions, text, lengths, overhead)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def _encode_positions(self, text: torch.Tensor) -> torch.Tensor:
+        """open_clip's CLIP.encode_text over the first ``text.shape[-1]`` positions."""
+        used = text.shape[-1]
         cast_dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(text).to(cast_dtype)
         x = x + self.positional_embedding[:used].to(cast_dtype)
@@ -40,7 +53,7 @@ class TrimmedTextCLIP(open_clip.CLIP):
                 x = self.text_projection(x)
             else:
                 x = x @ self.text_projection
-        return F.normalize(x, dim=-1) if normalize else x
+        return x
 
 
 def trim_text_padding(model: torch.nn.Module) -> torch.nn.Module:
