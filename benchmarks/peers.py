@@ -43,6 +43,10 @@ clip-retrieval (while doing more than embed) and >= 3x Data-Juicer.
 
 from __future__ import annotations
 
+from capgap.core.console import quiet_third_party_output
+
+quiet_third_party_output()  # before cluster_check's import of Beam logs its apitools line
+
 import argparse
 import glob
 import io
@@ -120,6 +124,7 @@ side = model.config.vision_config.image_size
 pixels = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():
     model.get_image_features(pixel_values=pixels)  # warm-up
+    model.get_image_features(pixel_values=pixels[: len(captions) % batch or batch])
     encoder.encode_text(tokenizer(captions[:batch]))
     image_seconds, start = 0.0, time.perf_counter()
     for i in range(0, len(captions), batch):
@@ -297,6 +302,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--no_bf16", dest="bf16", action="store_false",
         help="skip capgap's second run with bf16 weights (model.cpu_bf16)",
     )  # fmt: skip
+    ap.add_argument(
+        "--capgap_set", action="append", default=[], metavar="KEY=VALUE",
+        help="a capgap --set for every capgap run (e.g. decode.jpeg_draft=true)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     root = Path(args.root)
@@ -346,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         for s in (
             f"model.hf_model={model}", f"model.min_batch_size={args.batch}",
             f"model.max_batch_size={args.batch}", f"score.bank_size={args.bank_size}",
-            f"model.torch_threads={args.threads}", *extra,
+            f"model.torch_threads={args.threads}", *args.capgap_set, *extra,
         ):  # fmt: skip
             cmd += ["--set", s]
         return timed(cmd, env, work / f"{folder}.log")
@@ -383,7 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"rows_in {counts.get('rows_in')}: curated {counts.get('curated')}, rejected "
         f"{counts.get('rejected')}, errors {counts.get('errors')}; score.bank_size "
         f"{args.bank_size} (the bank pass embeds {candidates} rows, its bank and spares, "
-        "and the main pass reuses their embeddings)",
+        "and the main pass reuses their embeddings)"
+        + "".join(f"; --set {kv}" for kv in args.capgap_set),
     )
     if args.bf16:
         log("capgap curate, bf16 weights ...")
@@ -468,10 +478,13 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {k: getattr(args, k) for k in ("width", "layers", "heads", "text_width",
                                                 "text_heads", "patch", "embed_dim")},
         "image_size": 224, "batch": args.batch, "threads": args.threads, "cpu": cpu_name(),
+        "capgap_sets": args.capgap_set,
         "results": results, "failures": failures, "fp32_vs_bf16": agreement,
         "model_forward_alone": ceiling,
     }  # fmt: skip
     bf16_col = f" {'bf16 x':>8}" if base_bf16 else ""
+    if args.capgap_set:
+        print("every capgap run with --set " + " --set ".join(args.capgap_set))
     print(
         f"{'tool':44} {'pairs':>6} {'seconds':>8} {'pairs/s':>8} {'capgap x':>9}{bf16_col}"
         "  computes"
