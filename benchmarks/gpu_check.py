@@ -15,6 +15,9 @@ known to work before a GPU is lent. All models are built from configs with rando
    12 layers; GPT-2 decoder, width 768) through ``RecaptionModelHandler.run_inference``.
 5. ``train``: ``capgap train`` on a synthetic seed split at the model's image size; samples/s
    of the epochs after the first.
+6. ``text_groups``: ``benchmarks/text_groups.py``: the text tower padded, in one pass cut to
+   the batch's longest caption, and in capgap's length groups; whether the per-pass cost
+   capgap assumes on an accelerator (``capgap.models.text_groups.group_overhead``) holds.
 
 Targets printed beside the figures: clip-retrieval's published ViT-B/32 inference
 (~1,500 pairs/s on an RTX 3080, ~2,500 on an A100, decode-bound); capgap's goal >= 5,000
@@ -46,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import curate_throughput  # noqa: E402
 import real_resolution  # noqa: E402
+import text_groups  # noqa: E402
 import torch  # noqa: E402
 
 from capgap.models.captioner import CaptionerConfig, load_captioner  # noqa: E402
@@ -220,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="default ViT-B-32 (micro on --dry-run)")
     parser.add_argument("--dry-run", "--cpu", dest="dry_run", action="store_true")
     parser.add_argument("--decode_workers", type=int, default=0, help="0: CPU count")
-    parser.add_argument("--only", default="curate,real_resolution,decode_pool,recaption,train")
+    parser.add_argument(
+        "--only", default="curate,real_resolution,decode_pool,recaption,train,text_groups"
+    )
     args = parser.parse_args(argv)
     dry = args.dry_run
     device = "cpu" if dry else args.device
@@ -300,6 +306,15 @@ def main(argv: list[str] | None = None) -> int:
                 0 if dry else min(8, workers),
             ),
         )
+    section(
+        "text_groups",
+        lambda: run_printing(
+            text_groups.main,
+            ["--device", device, "--model", model, *threads]
+            + (["--n", "128", "--batch", "32", "--reps", "1"] if dry else ["--n", "8192"])
+            + ([] if dry else ["--batch", "256", "--reps", "2"]),
+        ),
+    )
     report["seconds"] = round(time.perf_counter() - started, 1)
     summary = {
         "curate_pairs_per_s": report.get("curate", {}).get("pairs_per_s"),
@@ -311,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         "decode_pool_images_per_s": report.get("decode_pool", {}).get("images_per_s"),
         "recaption_pairs_per_s": report.get("recaption", {}).get("pairs_per_s"),
         "train_samples_per_s": report.get("train", {}).get("samples_per_s"),
+        "text_groups_over_one_pass": {
+            k: v.get("groups_over_one_pass")
+            for k, v in report.get("text_groups", {}).get("sets", {}).items()
+        },
     }
     print("summary: " + json.dumps(summary), flush=True)
     print(TARGETS)

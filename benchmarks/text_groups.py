@@ -64,7 +64,7 @@ def captions(n: int, long_tail: bool, seed: int = 0) -> list[str]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--hf", action="store_true", help="a transformers CLIP of ViT-B/32's size")
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -147,7 +147,8 @@ def main() -> None:
             f"{row['max_abs_diff_to_padded']['groups']:.1e}"
         )
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -4,8 +4,10 @@ A CLIP text tower (causal mask, pooled at each row's end-of-text token) gives ev
 the same features whatever follows that token, so a batch need not run to its longest
 caption: :func:`length_groups` splits it where the padding saved pays for another forward
 pass, and :func:`encode_in_length_groups` runs each group cut to its longest row and puts
-the rows back in order. On 1,024 synthetic alt-texts of 4-16 tokens, batches of 64, the
-ViT-B/32 text tower ran 28% faster than one pass per batch cut to the batch's longest.
+the rows back in order. The ViT-B/32 text tower, batches of 64 on a 2-core CPU
+(``benchmarks/text_groups.py``): 1.25x one pass per batch cut to its longest caption on
+synthetic alt-texts of 4-16 tokens, 5.35x when every 10th caption is long (one long
+caption made the whole batch run to it); features within 3.1e-6 of the padded pass.
 
     lengths = (tokens.argmax(dim=-1) + 1).tolist()        # positions each row uses
     feats = encode_in_length_groups(encode, tokens, lengths, group_overhead(512, "cpu"))
@@ -28,11 +30,12 @@ def group_overhead(width: int, device: torch.device | str) -> int:
 
     A pass's fixed cost (per-op dispatch, small-GEMM inefficiency) grows with the layers as
     a position's cost does, but a position's cost also grows with width squared, hence
-    ``2**24 / width**2``: 64 at ViT-B/32's 512 (measured on a 2-core AVX-512 CPU, 1,024
-    synthetic alt-texts of 4-16 tokens: 16 to 64 equally best, text 28% faster than one
-    pass per batch), ~1,800 at the micro models' 96 (their batches stay whole). On an
-    accelerator a pass's launches cost far more than its positions, so 64x as much (an
-    estimate: ``benchmarks/gpu_check.py`` measures it on the day a GPU is lent).
+    ``2**24 / width**2``: 64 at ViT-B/32's 512, the best of 0 / 16 / 64 / 128 / 256 on a
+    2-core AVX-512 CPU (1,024 synthetic alt-texts of 4-16 tokens, batches of 64: 16 3%
+    slower, 128 10%, 0 and 256 32%), ~1,800 at the micro models' 96 (their batches stay
+    whole). On an accelerator a pass's launches cost far more than its positions, so 64x
+    as much: an estimate, not measured (no GPU lent yet); ``benchmarks/gpu_check.py``'s
+    ``text_groups`` section shows whether groups beat one pass there.
     """
     per_pass = max(16, 2**24 // max(1, width) ** 2)
     return per_pass if torch.device(device).type == "cpu" else 64 * per_pass
