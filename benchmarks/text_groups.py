@@ -23,6 +23,7 @@ groups change no feature beyond float rounding). Prints one JSON line at the end
 
     python benchmarks/text_groups.py                   # open_clip ViT-B-32, CPU, 2 threads
     python benchmarks/text_groups.py --hf --batch 64
+    python benchmarks/text_groups.py --backward --n 256     # a training step's text tower
     python benchmarks/text_groups.py --device cuda --batch 1024 --n 8192 --threads 0
 """
 
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--backward", action="store_true",
+        help="time forward + backward (a training step's text tower) instead of inference",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
 
         name = f"open_clip {args.model}"
     ways = {"padded": padded, "one pass": one_pass, "groups": model.encode_text}
-    result = {"model": name, "batch": args.batch, "threads": torch.get_num_threads(), "sets": {}}
-    print(f"{name}, batches of {args.batch}, {torch.get_num_threads()} threads, {args.device}")
+    result = {"model": name, "batch": args.batch, "threads": torch.get_num_threads(),
+              "backward": args.backward, "sets": {}}  # fmt: skip
+    print(
+        f"{name}, batches of {args.batch}, {torch.get_num_threads()} threads, {args.device}"
+        + (", forward + backward" if args.backward else "")
+    )
     for set_name, long_tail in (("synthetic", False), ("long tail", True)):
         texts = captions(args.n, long_tail)
         batches = [
@@ -115,15 +124,23 @@ def main(argv: list[str] | None = None) -> int:
         used = [n for b in batches for n in (b.argmax(dim=-1) + 1).tolist()]
         seconds = {way: [] for way in ways}
         features = {}
-        with torch.inference_mode():
+
+        def run(encode, batch: torch.Tensor) -> torch.Tensor:
+            if not args.backward:
+                return encode(batch).float()
+            out = encode(batch)
+            out.float().square().sum().backward()  # gradients accumulate: only time matters
+            return out.detach().float()
+
+        with torch.inference_mode(not args.backward):
             for encode in ways.values():
-                encode(batches[0])  # warm-up
+                run(encode, batches[0])  # warm-up
             for _ in range(args.reps):
                 for way, encode in ways.items():
                     if args.device != "cpu":
                         torch.cuda.synchronize()
                     tick = time.perf_counter()
-                    features[way] = torch.cat([encode(b).float() for b in batches])
+                    features[way] = torch.cat([run(encode, b) for b in batches])
                     if args.device != "cpu":
                         torch.cuda.synchronize()
                     seconds[way].append(time.perf_counter() - tick)
