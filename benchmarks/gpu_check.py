@@ -311,8 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         lambda: run_printing(
             text_groups.main,
             ["--device", device, "--model", model, *threads]
-            + (["--n", "128", "--batch", "32", "--reps", "1"] if dry else ["--n", "8192"])
-            + ([] if dry else ["--batch", "256", "--reps", "2"]),
+            + (
+                ["--n", "128", "--batch", "32", "--reps", "1"]
+                if dry
+                else ["--n", "8192", "--batch", "256", "--reps", "2"]
+            ),
         ),
     )
     report["seconds"] = round(time.perf_counter() - started, 1)

@@ -12,7 +12,8 @@ CLIP of ViT-B/32's size written to a temporary folder):
 
 on two caption sets of ``--n`` captions each:
 
-- ``synthetic``: capgap's synthetic alt-texts (``capgap.pipeline.synth``, 4-16 tokens);
+- ``synthetic``: the captions of synth's ``web`` split (``capgap.pipeline.synth``, the
+  peers' input: 4-16 tokens);
 - ``long tail``: the same, but every 10th caption is five of them joined by commas (a dense
   description, ~30-60 tokens) and every 50th runs past the context (cut at 77): the tail
   web alt-text and recaptioned data have.
@@ -34,6 +35,7 @@ from capgap.core.console import quiet_third_party_output
 quiet_third_party_output()
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -41,28 +43,21 @@ import time
 import numpy as np
 import torch
 
-from capgap.core import world
 from capgap.models.clip_factory import create_clip
 from capgap.models.hf_clip import build_random_hf_clip, load_hf_clip
+from capgap.pipeline import synth
 
 
-def captions(n: int, long_tail: bool, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-
-    def one() -> str:
-        k = int(rng.integers(0, len(world.ATTRIBUTE_NAMES) + 1))
-        named = sorted(rng.choice(len(world.ATTRIBUTE_NAMES), size=k, replace=False).tolist())
-        return world.caption(world.sample_item(rng), [world.ATTRIBUTE_NAMES[i] for i in named])
-
-    out = []
-    for i in range(n):
-        if long_tail and i % 50 == 49:
-            out.append(", ".join(one() for _ in range(20)))
-        elif long_tail and i % 10 == 9:
-            out.append(", ".join(one() for _ in range(5)))
-        else:
-            out.append(one())
-    return out
+def captions(n: int, long_tail: bool) -> list[str]:
+    """``n`` captions of synth's ``web`` split (the peers' input), in row order; with
+    ``long_tail`` every 10th is the next five joined and every 50th the next twenty."""
+    web = synth.SynthConfig().splits["web"]
+    rows = (synth.make_row(i, "web", web, 0, 32, 0.0)["caption"] for i in itertools.count())
+    joined = {9: 5, 49: 20} if long_tail else {}
+    return [
+        ", ".join(itertools.islice(rows, joined.get(i % 50, joined.get(i % 10, 1))))
+        for i in range(n)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

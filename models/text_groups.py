@@ -5,9 +5,9 @@ the same features whatever follows that token, so a batch need not run to its lo
 caption: :func:`length_groups` splits it where the padding saved pays for another forward
 pass, and :func:`encode_in_length_groups` runs each group cut to its longest row and puts
 the rows back in order. The ViT-B/32 text tower, batches of 64 on a 2-core CPU
-(``benchmarks/text_groups.py``): 1.25x one pass per batch cut to its longest caption on
-synthetic alt-texts of 4-16 tokens, 5.35x when every 10th caption is long (one long
-caption made the whole batch run to it); features within 3.1e-6 of the padded pass.
+(``benchmarks/text_groups.py``): 1.26x one pass per batch cut to its longest caption on
+synth's web captions (4-16 tokens), 5.27x when every 10th caption is long (one long
+caption made the whole batch run to it); features within 3.8e-6 of the padded pass.
 
     lengths = (tokens.argmax(dim=-1) + 1).tolist()        # positions each row uses
     feats = encode_in_length_groups(encode, tokens, lengths, group_overhead(512, "cpu"))
