@@ -6,14 +6,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.capgap-installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
+# The Beam SDK the worker image is built from (docker/Dockerfile): a job's launcher and its
+# workers must run the same Beam, so the dev venv installs that one, not pip's newest.
+BEAM   := apache-beam==$(shell sed -n 's/^ARG BEAM_VERSION=//p' docker/Dockerfile)
 
 .PHONY: demo test lint format bench sdist cluster-check clean gpu-wheels gpu-check-dry
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml docker/Dockerfile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test]" "$(BEAM)"
 	touch $(STAMP)
 
 demo: $(STAMP)
