@@ -156,6 +156,8 @@ def curate_argv(pattern: str, output: Path, args: argparse.Namespace) -> list[st
         f"model.min_batch_size={args.batch}",
         "--set",
         f"model.torch_threads={args.threads or 'null'}",
+        "--set",
+        f"model.cpu_matmul={args.cpu_matmul}",
         "--direct_running_mode=in_memory",
     ]
 
@@ -206,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--scale", type=int, default=10, help="second pipeline run: n * scale")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 0: default")
+    parser.add_argument(
+        "--cpu_matmul",
+        default="auto",
+        choices=["auto", "onednn", "torch"],
+        help="model.cpu_matmul, both loops (auto: linears through oneDNN on x86-64)",
+    )
     parser.add_argument("--memory_factor", type=int, default=10)
     parser.add_argument("--memory_n", type=int, default=500, help="base rows for memory")
     parser.add_argument("--skip_memory", action="store_true")
@@ -227,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         n_big = args.n * args.scale
         big_pattern = write_split(root / "data_big", n_big)
         pattern = write_split(root / "data", args.n)
-        model_cfg = ClipModelConfig(name=args.model, device=args.device, torch_threads=args.threads)
+        model_cfg = ClipModelConfig(
+            name=args.model,
+            device=args.device,
+            torch_threads=args.threads,
+            cpu_matmul=args.cpu_matmul,
+        )
         embedder = ClipEmbedder(model_cfg)
         bank = reference_bank(embedder, big_pattern, curate.CurateConfig().score.bank_size)
         bare_loop(embedder, big_pattern, args.batch, bank, limit=args.batch)  # warm-up
@@ -266,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         paired_cpu = [s / b for s, b in zip(cpu["pipeline_steady"], cpu["batched"], strict=True)]
         report = {
             "model": args.model,
+            "cpu_matmul": args.cpu_matmul,
             "device": args.device,
             "rows": n_big,
             "threads": args.threads,

@@ -25,18 +25,20 @@ with its error and the others still run.
     python benchmarks/peers.py --skip data-juicer    # leave a peer out
     python benchmarks/peers.py --no_bf16             # capgap in float32 only
 
-Order: the ceiling (the same checkpoint's two towers alone, batched, on tensors in memory,
-the text tower in capgap's length groups: no I/O, model load not timed; no batched float32
-tool with these towers can beat it on this machine), capgap
-in float32 like the peers, capgap with bf16 weights on the CPU (``model.cpu_bf16``: fast on
-CPUs with AMX, slow on AVX2-only ones; unless ``--no_bf16``), then each peer followed by
-capgap in float32 again. This VM's speed drifts 10-20% within minutes, so each peer's
-float32 ratio is to the mean rate of the two capgap runs around it; capgap's row is the
-median of its float32 runs (all of them in the JSON).
+Order: the model forward alone (the same checkpoint's two towers, batched, on tensors in
+memory, the text tower in capgap's length groups: no I/O, model load not timed), once with
+torch's linear layers (what a batched float32 tool running the checkpoint as transformers
+builds it can reach here) and once routed through oneDNN as capgap's scorer runs them
+(``model.cpu_matmul``: capgap's own ceiling), then capgap in float32 like the peers, capgap
+with bf16 weights on the CPU (``model.cpu_bf16``: fast on CPUs with AMX, slow on AVX2-only
+ones; unless ``--no_bf16``), then each peer followed by capgap in float32 again. This VM's
+speed drifts 10-20% within minutes, so each peer's float32 ratio is to the mean rate of the
+two capgap runs around it; capgap's row is the median of its float32 runs (all of them in
+the JSON).
 
-Prints a table (tool, what it computes, pairs, seconds, pairs/s, ratio to capgap float32
-and to bf16), how far bf16 moves capgap's scores and decisions, capgap's share of the
-ceiling and the ratio to each peer that no batched float32 tool could exceed, and writes
+Prints a table (tool, what it computes, pairs, seconds, pairs/s, ratio to capgap float32 and
+to bf16), how far bf16 moves capgap's scores and decisions, both forward-alone rates with
+their ratio to each peer, capgap's share of its own towers' rate, and writes
 it all as JSON (``--json``, default ``.peers/results.json``). Goals: capgap >= 1.0x
 clip-retrieval (while doing more than embed) and >= 3x Data-Juicer.
 """
@@ -104,9 +106,11 @@ process:
 # The same checkpoint's two towers alone, batched, on tensors already in memory: no reading,
 # decoding, preprocessing, scoring or writing, and model loading left out of the time; the
 # text tower as capgap runs it (each batch in groups of similar caption length, each cut
-# after its longest caption: capgap.models.text_groups). What no batched float32 tool can
-# beat on this machine with these towers: its rate over a peer's is the highest ratio to
-# that peer that any amount of pipeline work could reach.
+# after its longest caption: capgap.models.text_groups). Twice: with torch's own linear layers
+# (``stock``: the most a batched float32 tool running the checkpoint as transformers builds
+# it can do on this machine) and with them routed through oneDNN as capgap's scorer runs them
+# (``onednn``, capgap.models.onednn_linear: capgap's own ceiling). Each tower's rate against a
+# bare float32 GEMM of its MLP's shape, through torch's linear and through oneDNN's.
 MODEL_ONLY_RUN = """
 import glob, json, sys, time
 import pyarrow.parquet as pq
@@ -114,6 +118,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from capgap.core.malloc import keep_large_blocks
 from capgap.models.hf_clip import load_hf_clip
+from capgap.models.onednn_linear import onednn_linear_available, use_onednn_linears
 keep_large_blocks()
 folder, pattern, batch, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
@@ -122,7 +127,15 @@ encoder, _, tokenizer = load_hf_clip(folder)
 model = encoder.hf
 side = model.config.vision_config.image_size
 pixels = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
-with torch.inference_mode():
+vision = model.config.vision_config
+tokens = (side // vision.patch_size) ** 2 + 1
+a = torch.randn(batch * tokens, vision.hidden_size)
+w = torch.randn(vision.intermediate_size, vision.hidden_size)
+with FlopCounterMode(display=False) as counter:
+    model.get_image_features(pixel_values=pixels[:1])
+out = {"pairs": len(captions), "image_flop": counter.get_total_flops()}
+
+def towers():
     model.get_image_features(pixel_values=pixels)  # warm-up
     model.get_image_features(pixel_values=pixels[: len(captions) % batch or batch])
     encoder.encode_text(tokenizer(captions[:batch]))
@@ -134,22 +147,27 @@ with torch.inference_mode():
         model.get_image_features(pixel_values=pixels[: len(chunk)])
         image_seconds += time.perf_counter() - tick
         encoder.encode_text(ids)
-    seconds = time.perf_counter() - start
-    # How close the image tower runs to this machine's float32 matrix-multiply rate: its
-    # FLOPs per image (torch's own counter) against a bare GEMM of its MLP's shape.
-    with FlopCounterMode(display=False) as counter:
-        model.get_image_features(pixel_values=pixels[:1])
-    vision = model.config.vision_config
-    tokens = (side // vision.patch_size) ** 2 + 1
-    a = torch.randn(batch * tokens, vision.hidden_size)
-    w = torch.randn(vision.intermediate_size, vision.hidden_size)
-    torch.nn.functional.linear(a, w)
+    return time.perf_counter() - start, image_seconds
+
+def gemm(linear):
+    linear(a, w, None)
     tick = time.perf_counter()
     for _ in range(5):
-        torch.nn.functional.linear(a, w)
-    gemm = 5 * 2 * a.shape[0] * a.shape[1] * w.shape[0] / (time.perf_counter() - tick)
-print(json.dumps({"pairs": len(captions), "seconds": seconds, "image_seconds": image_seconds,
-                  "image_flop": counter.get_total_flops(), "gemm_flop_per_s": gemm}))
+        linear(a, w, None)
+    return 5 * 2 * a.shape[0] * a.shape[1] * w.shape[0] / (time.perf_counter() - tick)
+
+with torch.inference_mode():
+    seconds, image_seconds = towers()
+    out["stock"] = {"seconds": seconds, "image_seconds": image_seconds,
+                    "gemm_flop_per_s": gemm(torch.nn.functional.linear)}
+    if onednn_linear_available():
+        use_onednn_linears(encoder)
+        seconds, image_seconds = towers()
+        onednn = lambda x, weight, bias: torch.ops.mkldnn._linear_pointwise(
+            x, weight, bias, "none", [], "")
+        out["onednn"] = {"seconds": seconds, "image_seconds": image_seconds,
+                         "gemm_flop_per_s": gemm(onednn)}
+print(json.dumps(out))
 """
 
 
@@ -369,11 +387,16 @@ def main(argv: list[str] | None = None) -> dict:
     cmd += [str(work / "synth" / "web" / "*.parquet"), str(args.batch), str(args.threads)]
     alone = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True,
                                       check=True).stdout.strip().splitlines()[-1])  # fmt: skip
-    ceiling = {"pairs": alone["pairs"], "seconds": round(alone["seconds"], 2),
-               "pairs_per_s": round(alone["pairs"] / alone["seconds"], 2),
-               "image_tower_gflop_per_s": round(
-                   alone["image_flop"] * alone["pairs"] / alone["image_seconds"] / 1e9, 1),
-               "gemm_gflop_per_s": round(alone["gemm_flop_per_s"] / 1e9, 1)}  # fmt: skip
+    forward_alone = {
+        layers: {"pairs": alone["pairs"], "seconds": round(run["seconds"], 2),
+                 "pairs_per_s": round(alone["pairs"] / run["seconds"], 2),
+                 "image_tower_gflop_per_s": round(
+                     alone["image_flop"] * alone["pairs"] / run["image_seconds"] / 1e9, 1),
+                 "gemm_gflop_per_s": round(run["gemm_flop_per_s"] / 1e9, 1)}
+        for layers, run in alone.items() if layers in ("stock", "onednn")
+    }  # fmt: skip
+    # capgap's own ceiling: its towers as its scorer runs them (oneDNN where it routes them).
+    ceiling = forward_alone.get("onednn", forward_alone["stock"])
 
     fp32_seconds: list[float] = []  # every float32 run, in order
 
@@ -480,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
         "image_size": 224, "batch": args.batch, "threads": args.threads, "cpu": cpu_name(),
         "capgap_sets": args.capgap_set,
         "results": results, "failures": failures, "fp32_vs_bf16": agreement,
-        "model_forward_alone": ceiling,
+        "model_forward_alone": forward_alone,
     }  # fmt: skip
     bf16_col = f" {'bf16 x':>8}" if base_bf16 else ""
     if args.capgap_set:
@@ -504,21 +527,23 @@ def main(argv: list[str] | None = None) -> dict:
         + " s)"
     )
     share = rates[0] / ceiling["pairs_per_s"]
+    peers_run = [r for r in results if not r["tool"].startswith("capgap")]
+    for layers, alone_run in forward_alone.items():
+        label = {"stock": "torch's linear layers", "onednn": "linears through oneDNN"}[layers]
+        print(
+            f"float32 model forward alone, {label} (both towers, batch {args.batch}, tensors "
+            f"in memory, load not timed, run before capgap's first): "
+            f"{alone_run['pairs_per_s']:.2f} pairs/s; over "
+            + (", ".join(f"{r['tool'].split()[0]} "
+                         f"{alone_run['pairs_per_s'] / r['pairs_per_s']:.2f}x" for r in peers_run)
+               or "no peer")
+            + f"; image tower {alone_run['image_tower_gflop_per_s']:.0f} GFLOP/s (torch's FLOP "
+            f"counter) against a bare GEMM of its MLP's shape at "
+            f"{alone_run['gemm_gflop_per_s']:.0f} GFLOP/s"
+        )  # fmt: skip
     print(
-        f"float32 model forward alone (both towers, batch {args.batch}, tensors in memory, "
-        f"load not timed, run just before capgap's first): {ceiling['pairs_per_s']:.2f} "
-        f"pairs/s; capgap float32's first run reaches {share:.0%} of it; the most any batched float32 tool could be over "
-        + ", ".join(
-            f"{r['tool'].split()[0]} {ceiling['pairs_per_s'] / r['pairs_per_s']:.2f}x"
-            for r in results
-            if not r["tool"].startswith("capgap")
-        )
-    )
-    print(
-        f"float32 image tower alone: {ceiling['image_tower_gflop_per_s']:.0f} GFLOP/s "
-        f"(torch's FLOP counter), {ceiling['image_tower_gflop_per_s'] / ceiling['gemm_gflop_per_s']:.0%} "
-        f"of a bare float32 GEMM of its MLP's shape here ({ceiling['gemm_gflop_per_s']:.0f} "
-        "GFLOP/s): the towers themselves have little left to gain in float32 on this machine"
+        f"capgap float32's first run reaches {share:.0%} of its own towers' rate alone "
+        f"({ceiling['pairs_per_s']:.2f} pairs/s)"
     )
     if agreement:
         print(f"capgap float32 vs bf16 weights, same rows: {json.dumps(agreement)}")

@@ -60,6 +60,16 @@ def captions(n: int, long_tail: bool) -> list[str]:
     ]
 
 
+#: OpenAI ViT-B/32's shape, as ``build_random_hf_clip`` takes it.
+VIT_B32 = {"width": 768, "layers": 12, "heads": 12, "image_size": 224, "patch_size": 32}
+VIT_B32_TEXT = {"embed_dim": 512, "text_width": 512, "text_heads": 8}
+
+
+def vit_b32_hf_clip(folder: str) -> str:
+    """A random-init transformers CLIP of OpenAI ViT-B/32's shape, saved under ``folder``."""
+    return str(build_random_hf_clip(folder, **VIT_B32, **VIT_B32_TEXT))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="ViT-B-32")
@@ -79,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
     if args.hf:
-        folder = build_random_hf_clip(
-            tmp.name, width=768, layers=12, heads=12, image_size=224, patch_size=32,
-            embed_dim=512, text_width=512, text_heads=8,
-        )  # fmt: skip
+        folder = vit_b32_hf_clip(tmp.name)
         model, _, tokenizer = load_hf_clip(folder, args.device)
 
         def one_pass(t: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ each pair it held gets ``{FAILED: (type, message)}`` as its inference (``errors/
 
 ``device: cuda`` without CUDA fails loudly in ``load_model`` (no CPU fallback). AMP
 (autocast) is used on CUDA when ``amp`` is on; on the CPU ``cpu_bf16`` runs the encoders
-in bf16 (opt-in: fast only on CPUs with native bf16 matrix units).
+in bf16 (opt-in: fast only on CPUs with native bf16 matrix units), and in float32 its
+linear layers go through oneDNN on x86-64 (``cpu_matmul``, :mod:`capgap.models.onednn_linear`).
 ``share_model_across_processes`` and ``model_copies`` are passed to Beam (one model per
 machine, shared by the SDK worker processes, through ``multi_process_shared``).
 """
@@ -97,6 +98,10 @@ class ClipModelConfig:
     # Not autocast: on the CPU it sends open_clip's nn.MultiheadAttention off its fast path
     # into a linear that copies its weight per token (1.3x slower than float32, measured).
     cpu_bf16: bool = False
+    # The float32 encoders' linear layers on the CPU: auto routes them through oneDNN on
+    # x86-64 (models/onednn_linear.py: torch's MKL path runs ~half the rate on AMD EPYC; the
+    # same features to float32 rounding), onednn requires it, torch keeps torch's layers.
+    cpu_matmul: Literal["auto", "onednn", "torch"] = "auto"
     min_batch_size: int = 8
     max_batch_size: int = 256
     share_model_across_processes: bool = False
@@ -110,6 +115,10 @@ class ClipModelConfig:
             raise ValueError("need 1 <= model.min_batch_size <= model.max_batch_size")
         if self.model_copies is not None and self.model_copies < 1:
             raise ValueError("model.model_copies must be >= 1")
+        if self.cpu_matmul not in ("auto", "onednn", "torch"):
+            raise ValueError(
+                f"model.cpu_matmul must be auto, onednn or torch, not {self.cpu_matmul!r}"
+            )
         if self.hf_model and self.run_dir:
             raise ValueError(
                 "model.hf_model and a capgap run (reference / model.run_dir) both name the "
@@ -177,6 +186,7 @@ class ClipEmbedder:
         from threadpoolctl import threadpool_limits
 
         from capgap.core.device import resolve_device
+        from capgap.models.onednn_linear import use_onednn_linears, wants_onednn
 
         self.device = resolve_device(cfg.device)  # raises when CUDA is asked for and absent
         if cfg.torch_threads:
@@ -208,6 +218,11 @@ class ClipEmbedder:
         self.input_dtype = None
         if cfg.weights_dtype(self.device.type) == "bf16":
             model, self.input_dtype = model.to(torch.bfloat16), torch.bfloat16
+        # Routed after any bf16 cast: oneDNN's path is for float32 weights (bf16 products go
+        # to oneDNN through torch already).
+        self.onednn_layers = 0
+        if self.device.type == "cpu" and self.input_dtype is None and wants_onednn(cfg.cpu_matmul):
+            self.onednn_layers = use_onednn_linears(model)
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = tokenizer

@@ -142,6 +142,20 @@ def test_config_rejects_unknown_keys_and_bad_values():
         load_config(ev.EvalConfig, "eval", ["robustness.sigmas=[-1]"])
     with pytest.raises(ConfigError, match="mode"):
         load_config(ev.EvalConfig, "eval", ["robustness.mode=rotate"])
+    with pytest.raises(ConfigError, match="cpu_matmul"):
+        load_config(ev.EvalConfig, "eval", ["cpu_matmul=mkl"])
+
+
+def test_onednn_linears_give_the_same_metrics(run_dir, split_dir, tmp_path):
+    results = {
+        choice: ev.evaluate(
+            run_dir, _cfg(split_dir / "*.parquet", out=str(tmp_path / choice / "eval.json"),
+                          cpu_matmul=choice, save_embeddings=False)
+        )
+        for choice in ("torch", "auto")
+    }  # fmt: skip
+    for key in ("l2m", "rmg", "i2t_r@1", "zs_acc_object"):
+        assert results["auto"][key] == pytest.approx(results["torch"][key], abs=1e-4), key
 
 
 def test_missing_caption_column_fails(split_dir, tmp_path):
