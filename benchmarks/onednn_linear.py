@@ -24,6 +24,7 @@ quiet_third_party_output()
 
 import argparse
 import copy
+import functools
 import json
 import platform
 import statistics
@@ -36,18 +37,19 @@ import torch.nn.functional as F
 from text_groups import captions, vit_b32_hf_clip  # the sibling benchmark
 
 from capgap.core.malloc import keep_large_blocks
+from capgap.models import onednn_linear
 from capgap.models.clip_factory import create_clip
 from capgap.models.hf_clip import load_hf_clip
 from capgap.models.onednn_linear import onednn_linear_available, use_onednn_linears
 
 
-def best_and_median(fn: Callable[[], object], reps: int) -> tuple[float, float]:
+def best_seconds(fn: Callable[[], object], reps: int) -> float:
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
+    return min(times)
 
 
 def gemm_rates(rows: int, width: int, reps: int) -> dict[str, float]:
@@ -57,16 +59,15 @@ def gemm_rates(rows: int, width: int, reps: int) -> dict[str, float]:
     weight = torch.randn(4 * width, width, generator=generator)
     bias = torch.randn(4 * width, generator=generator)
     flop = 2 * rows * width * 4 * width
-    onednn = torch.ops.mkldnn._linear_pointwise
-    rates: dict[str, list[float]] = {"torch": [], "onednn": []}
+    products = {"torch": F.linear, "onednn": onednn_linear.linear}
+    rates: dict[str, list[float]] = {name: [] for name in products}
     with torch.inference_mode():
-        F.linear(x, weight, bias), onednn(x, weight, bias, "none", [], "")
+        for product in products.values():
+            product(x, weight, bias)  # warm-up
         for _ in range(reps):
-            for name, fn in (
-                ("torch", lambda: F.linear(x, weight, bias)),
-                ("onednn", lambda: onednn(x, weight, bias, "none", [], "")),
-            ):
-                rates[name].append(flop / best_and_median(fn, 3)[0] / 1e9)
+            for name, product in products.items():
+                seconds = best_seconds(functools.partial(product, x, weight, bias), 3)
+                rates[name].append(flop / seconds / 1e9)
     return {name: round(statistics.median(values), 1) for name, values in rates.items()}
 
 
@@ -97,8 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     routed = copy.deepcopy(model)
     layers = use_onednn_linears(routed)
-    side = 224 if args.hf else model.visual.image_size
-    side = side[0] if isinstance(side, tuple) else side
+    # the image side and the image tower's MLP product: a batch's tokens (patches + class
+    # token) x width
+    if args.hf:
+        vision = model.hf.config.vision_config
+        side, width = vision.image_size, vision.hidden_size
+        tokens_per_image = (side // vision.patch_size) ** 2 + 1
+    else:
+        side = model.visual.image_size
+        side = side[0] if isinstance(side, tuple) else side
+        width = model.visual.transformer.width
+        tokens_per_image = model.visual.positional_embedding.shape[0]
     generator = torch.Generator().manual_seed(1)
     images = [
         torch.randn(args.batch, 3, side, side, generator=generator) for _ in range(args.batches)
@@ -121,12 +131,6 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 towers(m)
                 times[name].append(time.perf_counter() - start)
-    # the image tower's MLP product: a batch's tokens (patches + class token) x width
-    if args.hf:
-        width, tokens_per_image = 768, (224 // 32) ** 2 + 1
-    else:
-        width = routed.visual.transformer.width
-        tokens_per_image = routed.visual.positional_embedding.shape[0]
     rows = args.batch * tokens_per_image
     gemm = gemm_rates(rows, width, args.reps)
     paired = statistics.median(a / b for a, b in zip(times["torch"], times["onednn"], strict=True))

@@ -46,13 +46,12 @@ def onednn_linear_available() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        op = torch.ops.mkldnn._linear_pointwise
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(5, 7, 33, generator=generator)
         weight = torch.randn(17, 33, generator=generator)
         bias = torch.randn(17, generator=generator)
         with torch.no_grad():
-            got = op(x, weight, bias, "none", [], "")
+            got = linear(x, weight, bias)
         return bool(torch.allclose(got, F.linear(x, weight, bias), rtol=1e-4, atol=1e-4))
     except (AttributeError, RuntimeError):  # op missing from this build, or not for this CPU
         return False
@@ -98,7 +97,8 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``torch.nn.functional.linear(x, weight, bias)`` computed by oneDNN (no autograd)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -107,7 +107,7 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if _onednn_applies(input, self.weight):
-            return _linear(input, self.weight, self.bias)
+            return linear(input, self.weight, self.bias)
         return super().forward(input)
 
 
@@ -167,13 +167,13 @@ class OneDNNMultiheadAttention(nn.MultiheadAttention):
             )
         batch, length, width = query.shape
         heads = self.num_heads
-        qkv = _linear(query, self.in_proj_weight, self.in_proj_bias)
+        qkv = linear(query, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.view(batch, heads, length, length)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(batch, length, width)
-        return _linear(out, self.out_proj.weight, self.out_proj.bias), None
+        return linear(out, self.out_proj.weight, self.out_proj.bias), None
 
 
 def use_onednn_linears(model: nn.Module) -> int:
